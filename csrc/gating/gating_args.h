@@ -3,7 +3,6 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/checks.h"
-#include "permute/permute_args.h"
 
 namespace mixlora {
 

@@ -4,7 +4,6 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/checks.h"
-#include "permute/permute_args.h"
 
 namespace mixlora {
 

@@ -5,7 +5,6 @@
 #include "common/activation.h"
 #include "common/checks.h"
 #include "lora/lora_args.h"
-#include "permute/permute_args.h"
 
 namespace mixlora {
 
