@@ -28,6 +28,13 @@ class LoRASettings:
 
 @dataclass
 class MixLoRAConfig:
+    """One MixLoRA adapter: experts, router and attention LoRA, as in adapter_config.json.
+
+    Experts use the `expert_lora` block (r, lora_alpha, lora_dropout, use_rslora, use_dora)
+    where present, else the top-level values; attention LoRA always uses the top-level values.
+    A missing `act_fn` means the model's own `hidden_act`.
+    """
+
     num_experts: int = 8
     top_k: int = 2
     r: int = 8
@@ -85,44 +92,64 @@ class MixLoRAConfig:
 
     # --- validation --------------------------------------------------------------------
     def validate(self) -> None:
+        """Raises ValueError naming the offending field; called on construction."""
         def fail(msg):
             raise ValueError(f"MixLoRAConfig: {msg}")
+
+        def is_int(v):  # bool is an int subclass, but `r: true` is a config error
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
 
         if self.peft_type != "MIXLORA":
             fail(f"peft_type must be 'MIXLORA', got {self.peft_type!r}")
         if self.routing_strategy != "mixlora":
             fail(f"routing_strategy {self.routing_strategy!r} is not supported (only 'mixlora'; "
                  "'mixlora-dynamic' and 'mixlora-switch' are not implemented)")
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if not is_int(self.num_experts) or self.num_experts < 1:
             fail(f"num_experts must be a positive int, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
             fail(f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
         if not isinstance(self.target_modules, (list, tuple, dict)):
             fail(f"target_modules must be a list of names or a dict of bools, got {type(self.target_modules).__name__}")
+        if isinstance(self.target_modules, dict):
+            not_bool = [n for n, on in self.target_modules.items() if not isinstance(on, bool)]
+            if not_bool:
+                fail(f"target_modules values must be true/false, not for {not_bool}")
         unknown = [n for n in self.targets if n not in MLP_PROJECTIONS + ATTENTION_PROJECTIONS]
         if unknown:
             fail(f"target_modules has unsupported names {unknown}; supported: "
                  f"{list(MLP_PROJECTIONS + ATTENTION_PROJECTIONS)}")
+        if not self.targets:
+            fail("target_modules selects no projection")
+        if self.act_fn is not None and (not isinstance(self.act_fn, str) or not self.act_fn):
+            fail(f"act_fn must be an activation name such as 'silu' (or absent), got {self.act_fn!r}")
         if self.expert_lora is not None and not isinstance(self.expert_lora, dict):
             fail(f"expert_lora must be a dict, got {type(self.expert_lora).__name__}")
         for where, s in (("", self.attention_lora), ("expert_lora.", self.expert_lora_settings)):
-            if not isinstance(s.r, int) or isinstance(s.r, bool) or s.r < 1:
+            if not is_int(s.r) or s.r < 1:
                 fail(f"{where}r must be a positive int, got {s.r!r}")
-            if not isinstance(s.lora_alpha, (int, float)) or s.lora_alpha <= 0:
+            if not is_number(s.lora_alpha) or s.lora_alpha <= 0:
                 fail(f"{where}lora_alpha must be positive, got {s.lora_alpha!r}")
-            if not isinstance(s.lora_dropout, (int, float)) or not 0 <= s.lora_dropout < 1:
+            if not is_number(s.lora_dropout) or not 0 <= s.lora_dropout < 1:
                 fail(f"{where}lora_dropout must be in [0, 1), got {s.lora_dropout!r}")
-        if self.router_aux_loss_coef < 0:
-            fail(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
-        if self.router_init_range < 0:
-            fail(f"router_init_range must be >= 0, got {self.router_init_range}")
-        if not 0 <= self.jitter_noise < 1:
-            fail(f"jitter_noise must be in [0, 1), got {self.jitter_noise}")
+            for flag in ("use_rslora", "use_dora"):
+                if not isinstance(getattr(s, flag), bool):
+                    fail(f"{where}{flag} must be true or false, got {getattr(s, flag)!r}")
+        for name, low, high in (("router_aux_loss_coef", 0, math.inf), ("router_init_range", 0, math.inf),
+                                ("jitter_noise", 0, 1)):
+            value = getattr(self, name)
+            if not is_number(value) or not low <= value < high:
+                fail(f"{name} must be a number in [{low}, {high}), got {value!r}")
 
     # --- the authors' adapter_config.json ------------------------------------------------
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "MixLoRAConfig":
-        d = copy.deepcopy(dict(d))
+        """Reads the authors' adapter_config.json keys; unknown keys go to `extra`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"MixLoRAConfig: adapter config must be a JSON object, got {type(d).__name__}")
+        d = copy.deepcopy(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         missing = [key for key in ("num_experts", "r", "lora_alpha", "lora_dropout", "target_modules") if key not in d]
         if missing:
@@ -131,6 +158,7 @@ class MixLoRAConfig:
         return cls(**kwargs, extra=d)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The adapter_config.json keys, unknown keys included; absent optional keys are left out."""
         d = copy.deepcopy(dict(self.extra))
         for f in dataclasses.fields(self):
             if f.name == "extra":
