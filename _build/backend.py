@@ -25,21 +25,12 @@ def _expose_installed_torch():
     return importlib.util.find_spec("torch") is not None
 
 
+_HAVE_TORCH = _expose_installed_torch()  # every hook below runs setup.py, which imports torch
+
+
+# The static build requirements come from pyproject.toml.
 def get_requires_for_build_wheel(config_settings=None):
-    requires = _setuptools.get_requires_for_build_wheel(config_settings)
-    return requires if _expose_installed_torch() else requires + ["torch"]
+    return [] if _HAVE_TORCH else ["torch"]
 
 
-def get_requires_for_build_editable(config_settings=None):
-    requires = _setuptools.get_requires_for_build_editable(config_settings)
-    return requires if _expose_installed_torch() else requires + ["torch"]
-
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    _expose_installed_torch()
-    return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
-
-
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    _expose_installed_torch()
-    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
+get_requires_for_build_editable = get_requires_for_build_wheel
