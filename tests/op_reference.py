@@ -120,7 +120,7 @@ def ref_lora_weight_grad(z, x, order, offsets, coef, dropout_p, seed, stream):
     expert = torch.empty_like(expert_of_sorted)
     expert[order.long()] = expert_of_sorted  # [N]
     out = torch.zeros(E, R, D, dtype=acc, device=x.device)
-    out.index_add_(0, expert, (cz[..., None] * x_drop[:, :, None, :]).view(T * k, R, D))
+    out.index_add_(0, expert, (cz[..., None] * x_drop[:, :, None, :]).reshape(T * k, R, D))
     return out
 
 

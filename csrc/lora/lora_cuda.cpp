@@ -1,0 +1,101 @@
+// CUDA glue of the low-rank expert GEMMs and the dropout mask: checks (shared with the CPU
+// glue), contiguous inputs, outputs, launch on the current stream. Kernels: lora_kernels.cu.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/dropout_rng.h"
+#include "lora/lora_args.h"
+#include "lora/lora_kernels.cuh"
+
+namespace mixlora {
+namespace {
+
+using cuda::contiguous_or_undefined;
+using cuda::data_or_null;
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
+                            const at::Tensor& ids_in, double dropout_p, int64_t seed,
+                            int64_t stream) {
+  check_lora_shrink(x_in, A_in, ids_in, dropout_p);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto A = A_in.contiguous();
+  const auto ids = ids_in.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), k = ids.size(1);
+  auto z = at::empty({T, k, R}, x.options().dtype(acc_type(x.scalar_type())));
+  const cuda::LoraShrinkParams p{x.const_data_ptr(), A.const_data_ptr(), ids.const_data_ptr<int32_t>(),
+                                 z.data_ptr(),       T, D, E, R, k, dropout_p,
+                                 dropout_key(seed, stream),
+                                 static_cast<cuda::DType>(x.scalar_type())};
+  C10_CUDA_CHECK(cuda::launch_lora_shrink(p, c10::cuda::getCurrentCUDAStream()));
+  return z;
+}
+
+at::Tensor lora_expand_cuda(const at::Tensor& z_in, const at::Tensor& B_in,
+                            const at::Tensor& ids_in, const std::optional<at::Tensor>& coef_in,
+                            double dropout_p, int64_t seed, int64_t stream) {
+  check_lora_expand(z_in, B_in, ids_in, coef_in, dropout_p);
+  const c10::cuda::CUDAGuard guard(B_in.device());
+  const auto z = z_in.contiguous();
+  // Rank-major [E, R, D] for coalesced reads (no copy when B is itself a transposed view, as
+  // in the shrink's backward).
+  const auto B_t = B_in.transpose(1, 2).contiguous();
+  const auto ids = ids_in.contiguous();
+  const auto coef = contiguous_or_undefined(coef_in);
+  const int64_t T = z.size(0), k = z.size(1), E = B_t.size(0), R = B_t.size(1), D = B_t.size(2);
+  auto y = at::empty({T, D}, B_in.options());
+  const cuda::LoraExpandParams p{z.const_data_ptr(), B_t.const_data_ptr(), ids.const_data_ptr<int32_t>(),
+                                 data_or_null(coef), y.data_ptr(),       T, D, E, R, k, dropout_p,
+                                 dropout_key(seed, stream),
+                                 static_cast<cuda::DType>(B_t.scalar_type())};
+  C10_CUDA_CHECK(cuda::launch_lora_expand(p, c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+at::Tensor lora_weight_grad_cuda(const at::Tensor& z_in, const at::Tensor& x_in,
+                                 const at::Tensor& order_in, const at::Tensor& offsets_in,
+                                 const std::optional<at::Tensor>& coef_in, double dropout_p,
+                                 int64_t seed, int64_t stream) {
+  check_lora_weight_grad(z_in, x_in, order_in, offsets_in, coef_in, dropout_p);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto z = z_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto order = order_in.contiguous();
+  const auto offsets = offsets_in.contiguous();
+  const auto coef = contiguous_or_undefined(coef_in);
+  const int64_t T = x.size(0), D = x.size(1), k = z.size(1), R = z.size(2);
+  const int64_t E = offsets.size(0) - 1;
+  auto out = at::empty({E, R, D}, z.options());  // every element written (0 for empty experts)
+  const cuda::LoraWeightGradParams p{z.const_data_ptr(), x.const_data_ptr(),
+                                     order.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
+                                     data_or_null(coef), out.data_ptr(), T, D, E, R, k, dropout_p,
+                                     dropout_key(seed, stream),
+                                     static_cast<cuda::DType>(x.scalar_type())};
+  C10_CUDA_CHECK(cuda::launch_lora_weight_grad(p, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor dropout_mask_cuda(const at::Tensor& like, int64_t seed, int64_t stream, int64_t rows,
+                             int64_t cols, double p) {
+  check_dropout_mask(rows, cols, p);
+  const c10::cuda::CUDAGuard guard(like.device());
+  auto mask = at::empty({rows, cols}, like.options().dtype(at::kBool));
+  const cuda::DropoutMaskParams params{mask.data_ptr<bool>(), rows * cols,
+                                       dropout_key(seed, stream), static_cast<float>(p)};
+  C10_CUDA_CHECK(cuda::launch_dropout_mask(params, c10::cuda::getCurrentCUDAStream()));
+  return mask;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mixlora, CUDA, m) {
+  m.impl("lora_shrink", &lora_shrink_cuda);
+  m.impl("lora_expand", &lora_expand_cuda);
+  m.impl("lora_weight_grad", &lora_weight_grad_cuda);
+  m.impl("dropout_mask", &dropout_mask_cuda);
+}
+
+}  // namespace mixlora

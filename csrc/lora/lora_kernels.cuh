@@ -1,0 +1,71 @@
+// CUDA kernels of the low-rank expert GEMMs and the LoRA-dropout mask (docs/design.md,
+// "Low-rank expert GEMMs"): Params structs and launchers. CUDA headers only, so `nvcc -c`
+// checks them without torch (see permute_kernels.cuh).
+//
+// Legend: T tokens, k slots, N = T*k pairs, q = t*k + j, E experts, D feature width, R rank.
+// "acc" = double for double activations, else float. Dropout: `key` = dropout_key(seed, stream)
+// (common/dropout_rng.h); dropout_p == 0 means no mask at all.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "permute/permute_kernels.cuh"  // DType
+
+namespace mixlora {
+namespace cuda {
+
+// z[t, j, r] = sum_d A[ids[t, j], r, d] * drop_q(x[t])[d]
+struct LoraShrinkParams {
+  const void* x;       // [T, D] dtype
+  const void* A;       // [E, R, D] dtype
+  const int32_t* ids;  // [T, k]
+  void* z;             // [T, k, R] acc
+  int64_t T, D, E, R, k;
+  double dropout_p;
+  uint64_t key;
+  DType dtype;
+};
+cudaError_t launch_lora_shrink(const LoraShrinkParams& p, cudaStream_t stream);
+
+// y[t, d] = sum_j (coef[t, j] or 1) * keep/(1-p)(q, d) * sum_r B[ids[t, j], d, r] * z[t, j, r]
+struct LoraExpandParams {
+  const void* z;       // [T, k, R] acc
+  const void* B_t;     // [E, R, D] dtype: B transposed (rank-major, so warps read it coalesced)
+  const int32_t* ids;  // [T, k]
+  const void* coef;    // [T, k] acc, or null
+  void* y;             // [T, D] dtype
+  int64_t T, D, E, R, k;
+  double dropout_p;
+  uint64_t key;
+  DType dtype;
+};
+cudaError_t launch_lora_expand(const LoraExpandParams& p, cudaStream_t stream);
+
+// out[e, r, d] = sum_{p in [offsets[e], offsets[e+1])} (coef.flat[q] or 1) * z.flat[q, r]
+//                * drop_q(x[q / k])[d],   q = order[p], p ascending
+struct LoraWeightGradParams {
+  const void* z;           // [T, k, R] acc
+  const void* x;           // [T, D] dtype
+  const int32_t* order;    // [N]
+  const int64_t* offsets;  // [E + 1]
+  const void* coef;        // [T, k] acc, or null
+  void* out;               // [E, R, D] acc
+  int64_t T, D, E, R, k;
+  double dropout_p;
+  uint64_t key;
+  DType dtype;
+};
+cudaError_t launch_lora_weight_grad(const LoraWeightGradParams& p, cudaStream_t stream);
+
+// mask[i] = dropout_keep(key, i, p), i < numel
+struct DropoutMaskParams {
+  bool* mask;  // [numel]
+  int64_t numel;
+  uint64_t key;
+  float p;
+};
+cudaError_t launch_dropout_mask(const DropoutMaskParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mixlora

@@ -1,0 +1,78 @@
+// CUDA kernels of the fused expert SwiGLU and combine (docs/design.md, "Fused expert SwiGLU"):
+// Params structs and launchers. CUDA headers only, so `nvcc -c` checks them without torch (see
+// permute_kernels.cuh).
+//
+// Legend: T tokens, I intermediate size, k slots, N = T*k pairs, q = t*k + j, E experts,
+// Rg / Ru / Rd the ranks of Bg / Bu / Ad (0 when that weight is absent). "acc" = double for
+// double activations, else float. key = dropout_key(seed, 2) (the down-LoRA input's stream).
+// The kernels take Bg and Bu rank-major, as Bg_t = Bg^T [E, Rg, I] (a copy the glue makes,
+// 2*E*I*R elements): a warp then reads consecutive columns, as it does for Ad.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "permute/permute_kernels.cuh"  // DType
+
+namespace mixlora {
+namespace cuda {
+
+struct MoeSwigluParams {
+  const void* G;        // [T, I] dtype
+  const void* U;        // [T, I] dtype
+  const int32_t* ids;   // [T, k]
+  const void* weights;  // [T, k] acc
+  const void* zg;       // [T, k, Rg] acc, or null
+  const void* Bg_t;     // [E, Rg, I] dtype, or null
+  const void* zu;       // [T, k, Ru] acc, or null
+  const void* Bu_t;     // [E, Ru, I] dtype, or null
+  const void* Ad;       // [E, Rd, I] dtype, or null
+  void* hbar;           // [T, I] dtype
+  void* zd;             // [T, k, Rd] acc (when Ad)
+  void* workspace;      // moe_swiglu_workspace_elems(*this) acc elements
+  int64_t T, I, E, k, Rg, Ru, Rd;
+  double scale;
+  int activation;
+  double dropout_p;
+  uint64_t key;
+  DType dtype;
+};
+// acc elements of workspace the launch needs (0: none); call with every other field set.
+int64_t moe_swiglu_workspace_elems(const MoeSwigluParams& p);
+cudaError_t launch_moe_swiglu(const MoeSwigluParams& p, cudaStream_t stream);
+
+struct MoeSwigluBackwardParams {
+  const void* grad_hbar;  // [T, I] dtype
+  const void* grad_zd;    // [T, k, Rd] acc, or null
+  const void* G;          // [T, I] dtype
+  const void* U;          // [T, I] dtype
+  const int32_t* ids;     // [T, k]
+  const void* weights;    // [T, k] acc
+  const void* zg;         // [T, k, Rg] acc, or null
+  const void* Bg_t;       // [E, Rg, I] dtype, or null
+  const void* zu;         // [T, k, Ru] acc, or null
+  const void* Bu_t;       // [E, Ru, I] dtype, or null
+  const void* Ad;         // [E, Rd, I] dtype, or null
+  const int32_t* order;   // [N] pairs grouped by expert
+  const int64_t* offsets; // [E + 1]
+  void* dG;               // [T, I] dtype
+  void* dU;               // [T, I] dtype
+  void* dweights;         // [T, k] acc
+  void* dzg;              // [T, k, Rg] acc (when Bg)
+  void* dzu;              // [T, k, Ru] acc (when Bu)
+  void* dBg;              // [E, I, Rg] dtype (when Bg)
+  void* dBu;              // [E, I, Ru] dtype (when Bu)
+  void* dAd;              // [E, Rd, I] dtype (when Ad)
+  void* workspace;        // moe_swiglu_backward_workspace_elems(*this) acc elements
+  int64_t T, I, E, k, Rg, Ru, Rd;
+  double scale;
+  int activation;
+  double dropout_p;
+  uint64_t key;
+  DType dtype;
+};
+int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p);
+cudaError_t launch_moe_swiglu_backward(const MoeSwigluBackwardParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace mixlora
