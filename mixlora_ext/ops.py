@@ -14,7 +14,13 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.mixlora)
+try:
+    from . import _C  # noqa: F401  (loads the library that registers torch.ops.mixlora)
+except ImportError as err:  # typically: Python found the source folder, not the installed package
+    raise ImportError(
+        f"mixlora_ext: the compiled extension _C is missing from {__file__.rsplit('/', 1)[0]}. "
+        "Install the package (pip install .) and import it from outside the source folder, or "
+        "build it in place (python setup.py build_ext --inplace).") from err
 
 _ops = torch.ops.mixlora
 

@@ -30,4 +30,20 @@ MIXLORA_HD bool dropout_keep(uint64_t key, int64_t index, float p) {
   return u >= p;
 }
 
+// The mask of one (seed, stream) key as factors: 1 / (1 - p) where kept, else 0.
+template <typename acc_t>
+struct DropoutScale {
+  MIXLORA_HD DropoutScale(double p, uint64_t key)
+      : key(key), p(static_cast<float>(p)),
+        inv_keep(acc_t(1) / (acc_t(1) - static_cast<acc_t>(p))), active(p > 0) {}
+
+  MIXLORA_HD bool keep(int64_t index) const { return dropout_keep(key, index, p); }
+  MIXLORA_HD acc_t factor(int64_t index) const { return keep(index) ? inv_keep : acc_t(0); }
+
+  uint64_t key;
+  float p;
+  acc_t inv_keep;
+  bool active;  // false when p == 0: then there is no mask at all
+};
+
 }  // namespace mixlora

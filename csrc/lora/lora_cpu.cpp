@@ -14,25 +14,12 @@
 namespace mixlora {
 namespace {
 
-// The LoRA-dropout mask of one (seed, stream) as factors: 1 / (1 - p) where kept, else 0.
-template <typename acc_t>
-struct DropoutScale {
-  DropoutScale(double p, int64_t seed, int64_t stream)
-      : key(dropout_key(seed, stream)), p(static_cast<float>(p)),
-        inv_keep(acc_t(1) / (acc_t(1) - static_cast<acc_t>(p))) {}
-
-  acc_t operator()(int64_t index) const { return dropout_keep(key, index, p) ? inv_keep : acc_t(0); }
-
-  // drop_q(x_row) in acc: row x_row of width D under pair q's mask.
-  template <typename scalar_t>
-  void drop_row(const scalar_t* x_row, int64_t D, int64_t q, acc_t* out) const {
-    for (int64_t d = 0; d < D; ++d) out[d] = static_cast<acc_t>(x_row[d]) * (*this)(q * D + d);
-  }
-
-  uint64_t key;
-  float p;
-  acc_t inv_keep;
-};
+// drop_q(x_row) in acc: row x_row of width D under pair q's mask.
+template <typename acc_t, typename scalar_t>
+void drop_row(const DropoutScale<acc_t>& drop, const scalar_t* x_row, int64_t D, int64_t q,
+              acc_t* out) {
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<acc_t>(x_row[d]) * drop.factor(q * D + d);
+}
 
 // One task per pair q = t*k + j: it owns z[q], computed from x[t] under the pair's dropout mask
 // and from A[ids[q]].
@@ -52,11 +39,11 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in,
     const scalar_t* Ap = A.const_data_ptr<scalar_t>();  // [E, R, D]
     const int32_t* id = ids.const_data_ptr<int32_t>();  // [N]
     acc_t* zp = z.data_ptr<acc_t>();                    // [N, R]
-    const DropoutScale<acc_t> drop(dropout_p, seed, stream);
+    const DropoutScale<acc_t> drop(dropout_p, dropout_key(seed, stream));
     at::parallel_for(0, T * k, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_drop(D);  // drop_q(x[t])
       for (int64_t q = begin; q < end; ++q) {
-        drop.drop_row(xp + (q / k) * D, D, q, x_drop.data());
+        drop_row(drop, xp + (q / k) * D, D, q, x_drop.data());
         const scalar_t* A_e = Ap + id[q] * R * D;
         for (int64_t r = 0; r < R; ++r) {
           acc_t sum = 0;
@@ -88,7 +75,7 @@ at::Tensor lora_expand_cpu(const at::Tensor& z_in, const at::Tensor& B_in,
     const int32_t* id = ids.const_data_ptr<int32_t>();                            // [N]
     const acc_t* c = coef.defined() ? coef.const_data_ptr<acc_t>() : nullptr;  // [N]
     scalar_t* yp = y.data_ptr<scalar_t>();                                        // [T, D]
-    const DropoutScale<acc_t> drop(dropout_p, seed, stream);
+    const DropoutScale<acc_t> drop(dropout_p, dropout_key(seed, stream));
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         for (int64_t d = 0; d < D; ++d) {
@@ -97,7 +84,7 @@ at::Tensor lora_expand_cpu(const at::Tensor& z_in, const at::Tensor& B_in,
             const scalar_t* B_row = Bp + (id[q] * D + d) * R;
             acc_t bz = 0;
             for (int64_t r = 0; r < R; ++r) bz += static_cast<acc_t>(B_row[r]) * zp[q * R + r];
-            sum += (c != nullptr ? c[q] : acc_t(1)) * drop(q * D + d) * bz;
+            sum += (c != nullptr ? c[q] : acc_t(1)) * drop.factor(q * D + d) * bz;
           }
           yp[t * D + d] = static_cast<scalar_t>(sum);
         }
@@ -132,13 +119,13 @@ at::Tensor lora_weight_grad_cpu(const at::Tensor& z_in, const at::Tensor& x_in,
     const int64_t* off = offsets.const_data_ptr<int64_t>();                       // [E + 1]
     const acc_t* c = coef.defined() ? coef.const_data_ptr<acc_t>() : nullptr;  // [N]
     acc_t* o = out.data_ptr<acc_t>();                                             // [E, R, D]
-    const DropoutScale<acc_t> drop(dropout_p, seed, stream);
+    const DropoutScale<acc_t> drop(dropout_p, dropout_key(seed, stream));
     at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x_drop(D);  // drop_q(x[t])
       for (int64_t e = begin; e < end; ++e) {
         for (int64_t p = off[e]; p < off[e + 1]; ++p) {
           const int64_t q = ord[p];
-          drop.drop_row(xp + (q / k) * D, D, q, x_drop.data());
+          drop_row(drop, xp + (q / k) * D, D, q, x_drop.data());
           for (int64_t r = 0; r < R; ++r) {
             const acc_t cz = (c != nullptr ? c[q] : acc_t(1)) * zp[q * R + r];
             acc_t* o_row = o + (e * R + r) * D;

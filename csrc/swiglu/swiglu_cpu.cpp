@@ -49,8 +49,7 @@ struct SwigluView {
         zu(data_or_null<acc_t>(zu)), Bu(data_or_null<scalar_t>(Bu)),
         Ad(data_or_null<scalar_t>(Ad)),
         scale(static_cast<acc_t>(scale)), act(static_cast<int>(activation)),
-        key(dropout_key(seed, 2)), p(static_cast<float>(dropout_p)),
-        inv_keep(acc_t(1) / (acc_t(1) - static_cast<acc_t>(dropout_p))) {}
+        dropout(dropout_p, dropout_key(seed, 2)) {}
 
   // g, u, act(g), h of pair q (expert e) at column i.
   SwigluPoint<acc_t> point(int64_t q, int64_t e, int64_t i) const {
@@ -61,7 +60,7 @@ struct SwigluView {
 
   // The stream-2 dropout factor m of h at (q, i): 1 / (1 - p) if kept, else 0.
   acc_t drop(int64_t q, int64_t i) const {
-    return dropout_keep(key, q * I + i, p) ? inv_keep : acc_t(0);
+    return dropout.factor(q * I + i);
   }
 
   struct PairGrad {
@@ -94,9 +93,7 @@ struct SwigluView {
   const scalar_t* Ad;     // [E, Rd, I]
   acc_t scale;
   int act;
-  uint64_t key;
-  float p;
-  acc_t inv_keep;
+  DropoutScale<acc_t> dropout;  // stream 2: the down LoRA's input h
   const scalar_t* grad_hbar = nullptr;  // [T, I], backward only
   const acc_t* grad_zd = nullptr;       // [N, Rd], backward only, null when absent
 };
