@@ -143,6 +143,9 @@ class MixLoRAFFN(nn.Module):
                              f"(hidden size), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"MixLoRAFFN: x must be floating point, got {x.dtype}")
+        if x.device != self.router.device:
+            raise ValueError(f"MixLoRAFFN: x is on {x.device} but the layer's weights are on "
+                             f"{self.router.device}; move one of them (layer.to(x.device))")
         x2 = x.reshape(-1, self.hidden_size)                                       # [T, H]
         if self.training and self.jitter_noise > 0:
             x2 = x2 * torch.empty_like(x2).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)

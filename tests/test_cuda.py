@@ -455,3 +455,16 @@ def test_layer_cuda_graph_capture(dtype):
     eager = _layer_step(layer, eager_x, cotangent)
     for a, b in zip(replayed, eager):
         assert torch.equal(a, b)
+
+
+def test_device_mismatch_is_a_clear_error():
+    logits = torch.randn(5, 4, device=DEV)
+    _, ids, _ = torch.ops.mixlora.topk_gating(logits, 2)
+    x = torch.randn(5, 16, device=DEV)
+    A_cpu = torch.randn(4, 3, 16)
+    with pytest.raises(RuntimeError, match="A is on cpu but the other inputs are on cuda"):
+        torch.ops.mixlora.lora_shrink(x, A_cpu, ids, 0.0, 0, 0)
+    G = torch.randn(5, 8, device=DEV)
+    with pytest.raises(RuntimeError, match="is on cpu but the other inputs are on cuda"):
+        torch.ops.mixlora.moe_swiglu(G, G.cpu(), ids, torch.rand(5, 2, device=DEV), None, None,
+                                     None, None, None, 1.0, 0, 0.0, 0)

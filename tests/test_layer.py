@@ -161,6 +161,8 @@ def test_bad_input_is_a_clear_error():
         layer(torch.randn(3, 15, dtype=torch.float64))
     with pytest.raises(TypeError, match="floating point"):
         layer(torch.ones(3, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x is on meta but the layer's weights are on cpu"):
+        layer(torch.empty(3, 16, dtype=torch.float64, device="meta"))
     with pytest.raises(TypeError, match="gate_proj must be an nn.Linear"):
         MixLoRAFFN(nn.Module(), MixLoRAConfig())
     mlp = TinyMLP(16, 24)
