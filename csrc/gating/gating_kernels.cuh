@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "permute/permute_kernels.cuh"  // DType
+#include "common/cuda_utils.cuh"
 
 namespace mixlora {
 namespace cuda {
