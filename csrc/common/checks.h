@@ -30,6 +30,17 @@ inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A present optional tensor made contiguous, else an undefined tensor.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// A tensor's data, or null for an undefined tensor.
+template <typename T = void>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
 // Checks of the (token, slot) pair indices (ids, order, position, offsets) every op family takes.
 // t has exactly shape `sizes`, dtype `dtype` and ref's device.
 inline void check_tensor(const char* name, const at::Tensor& t, at::IntArrayRef sizes,

@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <optional>
 
 #include "common/host_device.h"
 
@@ -18,17 +17,6 @@ namespace cuda {
 // Activation dtypes, numbered like c10::ScalarType so that the glue converts with a cast
 // (static_asserts in permute_cuda.cpp keep the two in step).
 enum class DType : int { kFloat16 = 5, kFloat32 = 6, kFloat64 = 7, kBFloat16 = 15 };
-
-// Optional-tensor helpers for the glue files (templates, so this header needs no torch):
-// a present tensor made contiguous, else an undefined one; and its data or null.
-template <typename Tensor>
-Tensor contiguous_or_undefined(const std::optional<Tensor>& t) {
-  return t.has_value() ? t->contiguous() : Tensor();
-}
-template <typename Tensor>
-const void* data_or_null(const Tensor& t) {
-  return t.defined() ? t.const_data_ptr() : nullptr;
-}
 
 }  // namespace cuda
 }  // namespace mixlora

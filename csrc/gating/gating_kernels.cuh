@@ -1,5 +1,5 @@
 // CUDA kernels of the gating ops (docs/design.md, "Gating"): Params structs and launchers.
-// CUDA headers only, so `nvcc -c` checks them without torch (see permute_kernels.cuh).
+// CUDA headers only, so `nvcc -c` checks them without torch (see common/cuda_utils.cuh).
 //
 // Legend: T tokens, E experts, k experts per token. "acc" = double for double logits, else float.
 #pragma once

@@ -13,8 +13,6 @@
 namespace mixlora {
 namespace {
 
-using cuda::contiguous_or_undefined;
-using cuda::data_or_null;
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
                             const at::Tensor& ids_in, double dropout_p, int64_t seed,

@@ -1,6 +1,6 @@
 // CUDA kernels of the low-rank expert GEMMs and the LoRA-dropout mask (docs/design.md,
 // "Low-rank expert GEMMs"): Params structs and launchers. CUDA headers only, so `nvcc -c`
-// checks them without torch (see permute_kernels.cuh).
+// checks them without torch (see common/cuda_utils.cuh).
 //
 // Legend: T tokens, k slots, N = T*k pairs, q = t*k + j, E experts, D feature width, R rank.
 // "acc" = double for double activations, else float. Dropout: `key` = dropout_key(seed, stream)

@@ -19,8 +19,6 @@ static_assert(static_cast<int>(cuda::DType::kBFloat16) == static_cast<int>(at::k
 
 namespace {
 
-using cuda::contiguous_or_undefined;
-using cuda::data_or_null;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_pairs_cuda(const at::Tensor& ids_in,
                                                                int64_t num_experts) {

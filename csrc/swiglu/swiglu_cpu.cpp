@@ -15,15 +15,6 @@
 namespace mixlora {
 namespace {
 
-at::Tensor contiguous_if_present(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
-}
-
 // Zeros of `sizes`, or shape [0] for the gradient of an absent optional input.
 at::Tensor zeros_if(bool present, at::IntArrayRef sizes, const at::TensorOptions& options) {
   return present ? at::zeros(sizes, options) : at::empty({0}, options);
@@ -118,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor> moe_swiglu_cpu(
                    dropout_p);
   const auto G = G_in.contiguous(), U = U_in.contiguous(), ids = ids_in.contiguous();
   const auto weights = weights_in.contiguous();
-  const auto zg = contiguous_if_present(zg_in), Bg = contiguous_if_present(Bg_in);
-  const auto zu = contiguous_if_present(zu_in), Bu = contiguous_if_present(Bu_in);
-  const auto Ad = contiguous_if_present(Ad_in);
+  const auto zg = contiguous_or_undefined(zg_in), Bg = contiguous_or_undefined(Bg_in);
+  const auto zu = contiguous_or_undefined(zu_in), Bu = contiguous_or_undefined(Bu_in);
+  const auto Ad = contiguous_or_undefined(Ad_in);
   const int64_t T = G.size(0), I = G.size(1), k = ids.size(1);
   const int64_t E = num_experts(Bg, Bu, Ad);
   if (E >= 0) check_index_values("ids", ids, E);
@@ -170,12 +161,12 @@ moe_swiglu_backward_cpu(const at::Tensor& grad_hbar_in,
                         double dropout_p, int64_t seed) {
   check_moe_swiglu_backward(grad_hbar_in, grad_zd_in, G_in, U_in, ids_in, weights_in, zg_in, Bg_in,
                             zu_in, Bu_in, Ad_in, order_in, offsets_in, activation, dropout_p);
-  const auto grad_hbar = grad_hbar_in.contiguous(), grad_zd = contiguous_if_present(grad_zd_in);
+  const auto grad_hbar = grad_hbar_in.contiguous(), grad_zd = contiguous_or_undefined(grad_zd_in);
   const auto G = G_in.contiguous(), U = U_in.contiguous(), ids = ids_in.contiguous();
   const auto weights = weights_in.contiguous();
-  const auto zg = contiguous_if_present(zg_in), Bg = contiguous_if_present(Bg_in);
-  const auto zu = contiguous_if_present(zu_in), Bu = contiguous_if_present(Bu_in);
-  const auto Ad = contiguous_if_present(Ad_in);
+  const auto zg = contiguous_or_undefined(zg_in), Bg = contiguous_or_undefined(Bg_in);
+  const auto zu = contiguous_or_undefined(zu_in), Bu = contiguous_or_undefined(Bu_in);
+  const auto Ad = contiguous_or_undefined(Ad_in);
   const auto order = order_in.contiguous(), offsets = offsets_in.contiguous();
   const int64_t T = G.size(0), I = G.size(1), k = ids.size(1), N = T * k;
   const bool has_experts = num_experts(Bg, Bu, Ad) >= 0;

@@ -14,8 +14,6 @@
 namespace mixlora {
 namespace {
 
-using cuda::contiguous_or_undefined;
-using cuda::data_or_null;
 
 constexpr int64_t kDownStream = 2;  // the dropout stream of the down-LoRA input h
 

@@ -1,6 +1,6 @@
 // CUDA kernels of the fused expert SwiGLU and combine (docs/design.md, "Fused expert SwiGLU"):
 // Params structs and launchers. CUDA headers only, so `nvcc -c` checks them without torch (see
-// permute_kernels.cuh).
+// common/cuda_utils.cuh).
 //
 // Legend: T tokens, I intermediate size, k slots, N = T*k pairs, q = t*k + j, E experts,
 // Rg / Ru / Rd the ranks of Bg / Bu / Ad (0 when that weight is absent). "acc" = double for
@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "permute/permute_kernels.cuh"  // DType
+#include "common/cuda_utils.cuh"
 
 namespace mixlora {
 namespace cuda {
