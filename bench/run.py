@@ -49,30 +49,34 @@ class DenseMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def cuda_times_ms(fn, reps, warmup=3):
+    """Milliseconds of each of `reps` calls of fn(), by CUDA events, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def _timer(device):
     """Returns time_ms(fn, reps) -> median milliseconds of fn()."""
     if device.type == "cuda":
-        def time_ms(fn, reps):
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            return statistics.median(times)
-    else:
-        def time_ms(fn, reps):
+        return lambda fn, reps: statistics.median(cuda_times_ms(fn, reps))
+
+    def time_ms(fn, reps):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
             fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     return time_ms
 
 
