@@ -23,6 +23,7 @@ import torch
 
 import mixlora_ext  # noqa: F401  (registers torch.ops.mixlora)
 import op_reference as ref
+from op_inputs import OP_VARIANTS, SEED, OpInputs
 import test_layer
 from conftest import HAS_CUDA, lora_params, make_layer
 from mixlora_ext import reference_forward
@@ -32,7 +33,6 @@ pytestmark = [pytest.mark.cuda,
 
 ops = torch.ops.mixlora
 DEV = "cuda"
-SEED = 987654321
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Output ulps allowed on top of 2x the reference's own error.
 FLOOR = {torch.float64: 1e-11, torch.float32: 1e-5, torch.bfloat16: 2 * 2.0**-8,
@@ -58,121 +58,11 @@ def case_id(case):
     return "T{}-E{}-k{}-R{}-D{}".format(*case)
 
 
-# --- inputs (on the GPU) -------------------------------------------------------------------
-def randn(*shape, dtype):
-    return torch.randn(*shape, dtype=dtype, device=DEV)
+# --- inputs (tests/op_inputs.py, shared with the CPU tests) -------------------------------
+INPUTS = OpInputs(DEV)
+randn, rand_ids = INPUTS.randn, INPUTS.rand_ids
 
 
-def rand_ids(T, E, k):
-    """[T, k] int32: k distinct experts per token, as topk_gating gives."""
-    return torch.rand(T, E, device=DEV).argsort(-1)[:, :k].to(torch.int32)
-
-
-def tie_logits(T, E, dtype):
-    """Logits on a 1/64 grid in [-3.9, 3.9]: exact in every dtype, many exact ties (which every
-    precision breaks alike, lower expert first) and no near-ties that rounding could reorder."""
-    return (torch.randn(T, E, device=DEV) * 48).round().clamp(-250, 250).div(64).to(dtype)
-
-
-def args_topk_gating(T, E, k, R, D, dtype, variant):
-    return tie_logits(T, E, dtype), k
-
-
-def args_topk_gating_backward(T, E, k, R, D, dtype, variant):
-    acc = ref.acc_dtype(dtype)
-    weights, ids, probs = ref.ref_topk_gating(tie_logits(T, E, acc), k)
-    grad_probs = randn(T, E, dtype=acc) if variant else None
-    return randn(T, k, dtype=acc), grad_probs, weights, ids, probs
-
-
-def args_sort_pairs(T, E, k, R, D, dtype, variant):
-    return rand_ids(T, E, k), E
-
-
-def args_gather_pairs(T, E, k, R, D, dtype, variant):
-    order, _, _ = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    weights = randn(T, k, dtype=ref.acc_dtype(dtype)) if variant else None
-    return randn(T, D, dtype=dtype), order, k, weights
-
-
-def args_scatter_pairs(T, E, k, R, D, dtype, variant):
-    _, _, position = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    weights = randn(T, k, dtype=ref.acc_dtype(dtype)) if variant else None
-    return randn(T * k, D, dtype=dtype), position, k, weights
-
-
-def args_pair_dot(T, E, k, R, D, dtype, variant):
-    _, _, position = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    return randn(T, D, dtype=dtype), randn(T * k, D, dtype=dtype), position, k
-
-
-# Variant 1 of the LoRA ops: dropout on and the optional coef given.
-def args_lora_shrink(T, E, k, R, D, dtype, variant, ids=None):
-    p = 0.1 if variant else 0.0
-    ids = rand_ids(T, E, k) if ids is None else ids
-    return randn(T, D, dtype=dtype), randn(E, R, D, dtype=dtype), ids, p, SEED, 0
-
-
-def args_lora_expand(T, E, k, R, D, dtype, variant, ids=None):
-    acc = ref.acc_dtype(dtype)
-    coef, p = (randn(T, k, dtype=acc), 0.1) if variant else (None, 0.0)
-    ids = rand_ids(T, E, k) if ids is None else ids
-    return randn(T, k, R, dtype=acc), randn(E, D, R, dtype=dtype), ids, coef, p, SEED, 1
-
-
-def args_lora_weight_grad(T, E, k, R, D, dtype, variant, ids=None):
-    acc = ref.acc_dtype(dtype)
-    order, offsets, _ = ref.ref_sort_pairs(rand_ids(T, E, k) if ids is None else ids, E)
-    coef, p = (randn(T, k, dtype=acc), 0.1) if variant else (None, 0.0)
-    return randn(T, k, R, dtype=acc), randn(T, D, dtype=dtype), order, offsets, coef, p, SEED, 2
-
-
-# moe_swiglu variants: (Bg/zg given, Bu/zu given, Ad given, activation, dropout_p, grad_zd given).
-SWIGLU_VARIANTS = (
-    (True, True, True, 0, 0.0, True),
-    (True, True, True, 1, 0.1, True),
-    (False, False, True, 2, 0.1, False),  # Ad given but no gradient reaches zd
-    (False, False, False, 3, 0.0, False),
-    (True, False, True, 0, 0.0, True),
-)
-
-
-def args_moe_swiglu(T, E, k, R, D, dtype, variant, ids=None):
-    with_g, with_u, with_d, activation, p, _ = SWIGLU_VARIANTS[variant]
-    acc = ref.acc_dtype(dtype)
-    ids = rand_ids(T, E, k) if ids is None else ids
-    weights = torch.softmax(randn(T, k, dtype=acc), -1)
-    zg, Bg = (randn(T, k, R, dtype=acc), 0.5 * randn(E, D, R, dtype=dtype)) if with_g else (None, None)
-    zu, Bu = (randn(T, k, R, dtype=acc), 0.5 * randn(E, D, R, dtype=dtype)) if with_u else (None, None)
-    Ad = randn(E, R, D, dtype=dtype) if with_d else None
-    return (randn(T, D, dtype=dtype), randn(T, D, dtype=dtype), ids, weights, zg, Bg, zu, Bu, Ad,
-            0.7, activation, p, SEED)
-
-
-def args_moe_swiglu_backward(T, E, k, R, D, dtype, variant, ids=None):
-    G, U, ids, weights, zg, Bg, zu, Bu, Ad, scale, activation, p, seed = args_moe_swiglu(
-        T, E, k, R, D, dtype, variant, ids)
-    order, offsets, _ = ref.ref_sort_pairs(ids, E)
-    grad_zd = randn(T, k, R, dtype=ref.acc_dtype(dtype)) if SWIGLU_VARIANTS[variant][5] else None
-    return (randn(T, D, dtype=dtype), grad_zd, G, U, ids, weights, zg, Bg, zu, Bu, Ad, order,
-            offsets, scale, activation, p, seed)
-
-
-# op name -> (input builder, number of variants)
-OPS = {
-    "topk_gating": (args_topk_gating, 1),
-    "topk_gating_backward": (args_topk_gating_backward, 2),
-    "sort_pairs": (args_sort_pairs, 1),
-    "gather_pairs": (args_gather_pairs, 2),
-    "scatter_pairs": (args_scatter_pairs, 2),
-    "pair_dot": (args_pair_dot, 1),
-    "lora_shrink": (args_lora_shrink, 2),
-    "lora_expand": (args_lora_expand, 2),
-    "lora_weight_grad": (args_lora_weight_grad, 2),
-    "moe_swiglu": (args_moe_swiglu, len(SWIGLU_VARIANTS)),
-    "moe_swiglu_backward": (args_moe_swiglu_backward, len(SWIGLU_VARIANTS)),
-}
-OP_VARIANTS = [(name, v) for name, (_, n) in OPS.items() for v in range(n)]
 # Ops whose D is the intermediate size (SPEC I); the others take the hidden size (SPEC H).
 TAKES_I = ("moe_swiglu", "moe_swiglu_backward")
 # topk_gating_backward takes acc tensors only; sort_pairs takes no floating tensor.
@@ -182,7 +72,7 @@ ACC_ONLY = ("topk_gating_backward",)
 def make_args(name, case, dtype, variant, **kwargs):
     if name in ACC_ONLY:
         dtype = ref.acc_dtype(dtype)
-    return OPS[name][0](*case, dtype, variant, **kwargs)
+    return INPUTS.build(name, case, dtype, variant, **kwargs)
 
 
 # --- running and checking ------------------------------------------------------------------

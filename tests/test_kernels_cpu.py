@@ -13,6 +13,7 @@ import torch
 
 import mixlora_ext  # registers torch.ops.mixlora
 import op_reference as ref
+from op_inputs import FLOAT_OP_VARIANTS, OP_VARIANTS, SEED, OpInputs
 
 # The fake kernels and autograd formulas live in mixlora_ext.ops: with them opcheck runs in full.
 HAS_OPS_MODULE = importlib.util.find_spec("mixlora_ext.ops") is not None
@@ -29,121 +30,15 @@ CASES = [(T, E, k) + RANK_WIDTH[i % len(RANK_WIDTH)]
 LOOSE_CASES = [(33, 8, 2, 4, 17), (7, 3, 3, 1, 5), (0, 3, 2, 4, 5)]
 MID_CASE = (33, 8, 2, 4, 17)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-SEED = 20240611
 
 
-# --- inputs --------------------------------------------------------------------------------
-def randn(*shape, dtype):
-    return torch.randn(*shape, dtype=dtype)
-
-
-def rand_ids(T, E, k):
-    """[T, k] int32: k distinct experts per token, as topk_gating gives."""
-    return torch.rand(T, E).argsort(-1)[:, :k].to(torch.int32)
-
-
-def args_topk_gating(T, E, k, R, D, dtype, variant):
-    return randn(T, E, dtype=dtype), k
-
-
-def args_topk_gating_backward(T, E, k, R, D, dtype, variant):
-    acc = ref.acc_dtype(dtype)
-    weights, ids, probs = ref.ref_topk_gating(randn(T, E, dtype=acc), k)
-    grad_probs = randn(T, E, dtype=acc) if variant else None
-    return randn(T, k, dtype=acc), grad_probs, weights, ids, probs
-
-
-def args_sort_pairs(T, E, k, R, D, dtype, variant):
-    return rand_ids(T, E, k), E
-
-
-def args_gather_pairs(T, E, k, R, D, dtype, variant):
-    order, _, _ = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    weights = randn(T, k, dtype=ref.acc_dtype(dtype)) if variant else None
-    return randn(T, D, dtype=dtype), order, k, weights
-
-
-def args_scatter_pairs(T, E, k, R, D, dtype, variant):
-    _, _, position = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    weights = randn(T, k, dtype=ref.acc_dtype(dtype)) if variant else None
-    return randn(T * k, D, dtype=dtype), position, k, weights
-
-
-def args_pair_dot(T, E, k, R, D, dtype, variant):
-    _, _, position = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    return randn(T, D, dtype=dtype), randn(T * k, D, dtype=dtype), position, k
-
-
-# Variant 1 of the LoRA ops: dropout on and the optional coef given.
-def args_lora_shrink(T, E, k, R, D, dtype, variant):
-    p = 0.3 if variant else 0.0
-    return randn(T, D, dtype=dtype), randn(E, R, D, dtype=dtype), rand_ids(T, E, k), p, SEED, 0
-
-
-def args_lora_expand(T, E, k, R, D, dtype, variant):
-    acc = ref.acc_dtype(dtype)
-    coef, p = (randn(T, k, dtype=acc), 0.3) if variant else (None, 0.0)
-    return randn(T, k, R, dtype=acc), randn(E, D, R, dtype=dtype), rand_ids(T, E, k), coef, p, SEED, 1
-
-
-def args_lora_weight_grad(T, E, k, R, D, dtype, variant):
-    acc = ref.acc_dtype(dtype)
-    order, offsets, _ = ref.ref_sort_pairs(rand_ids(T, E, k), E)
-    coef, p = (randn(T, k, dtype=acc), 0.3) if variant else (None, 0.0)
-    return randn(T, k, R, dtype=acc), randn(T, D, dtype=dtype), order, offsets, coef, p, SEED, 2
-
-
-# moe_swiglu variants: (Bg/zg given, Bu/zu given, Ad given, activation, dropout_p, grad_zd given).
-SWIGLU_VARIANTS = (
-    (True, True, True, 0, 0.0, True),
-    (True, True, True, 1, 0.3, True),
-    (False, False, True, 2, 0.3, False),  # Ad given but no gradient reaches zd
-    (False, False, False, 3, 0.0, False),
-    (True, True, False, 0, 0.0, False),
-)
-
-
-def args_moe_swiglu(T, E, k, R, D, dtype, variant):
-    with_g, with_u, with_d, activation, p, _ = SWIGLU_VARIANTS[variant]
-    acc = ref.acc_dtype(dtype)
-    I = D
-    ids = rand_ids(T, E, k)
-    weights, _, _ = ref.ref_topk_gating(randn(T, E, dtype=acc), k)
-    zg, Bg = (randn(T, k, R, dtype=acc), randn(E, I, R, dtype=dtype)) if with_g else (None, None)
-    zu, Bu = (randn(T, k, R, dtype=acc), randn(E, I, R, dtype=dtype)) if with_u else (None, None)
-    Ad = randn(E, R, I, dtype=dtype) if with_d else None
-    return randn(T, I, dtype=dtype), randn(T, I, dtype=dtype), ids, weights, zg, Bg, zu, Bu, Ad, 0.7, activation, p, SEED
-
-
-def args_moe_swiglu_backward(T, E, k, R, D, dtype, variant):
-    G, U, ids, weights, zg, Bg, zu, Bu, Ad, scale, activation, p, seed = args_moe_swiglu(
-        T, E, k, R, D, dtype, variant)
-    order, offsets, _ = ref.ref_sort_pairs(ids, E)
-    grad_zd = randn(T, k, R, dtype=ref.acc_dtype(dtype)) if SWIGLU_VARIANTS[variant][5] else None
-    return (randn(*G.shape, dtype=dtype), grad_zd, G, U, ids, weights, zg, Bg, zu, Bu, Ad, order,
-            offsets, scale, activation, p, seed)
-
-
-# op name -> (input builder, number of variants, has a floating input dtype)
-OPS = {
-    "topk_gating": (args_topk_gating, 1, True),
-    "topk_gating_backward": (args_topk_gating_backward, 2, True),
-    "sort_pairs": (args_sort_pairs, 1, False),
-    "gather_pairs": (args_gather_pairs, 2, True),
-    "scatter_pairs": (args_scatter_pairs, 2, True),
-    "pair_dot": (args_pair_dot, 1, True),
-    "lora_shrink": (args_lora_shrink, 2, True),
-    "lora_expand": (args_lora_expand, 2, True),
-    "lora_weight_grad": (args_lora_weight_grad, 2, True),
-    "moe_swiglu": (args_moe_swiglu, len(SWIGLU_VARIANTS), True),
-    "moe_swiglu_backward": (args_moe_swiglu_backward, len(SWIGLU_VARIANTS), True),
-}
-OP_VARIANTS = [(name, v) for name, (_, n, _) in OPS.items() for v in range(n)]
-FLOAT_OP_VARIANTS = [(name, v) for name, v in OP_VARIANTS if OPS[name][2]]
+# --- inputs (tests/op_inputs.py, shared with the CUDA tests) ------------------------------
+INPUTS = OpInputs("cpu")
+randn = INPUTS.randn
 
 
 def make_args(name, case, dtype, variant):
-    return OPS[name][0](*case, dtype, variant)
+    return INPUTS.build(name, case, dtype, variant)
 
 
 def as_tuple(out):
