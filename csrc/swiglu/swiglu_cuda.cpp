@@ -30,6 +30,48 @@ at::Tensor rank_major_or_undefined(const std::optional<at::Tensor>& B) {
   return B.has_value() ? B->transpose(1, 2).contiguous() : at::Tensor();
 }
 
+// The inputs forward and backward share, contiguous (Bg / Bu rank-major).
+struct SwigluTensors {
+  SwigluTensors(const at::Tensor& G_in, const at::Tensor& U_in, const at::Tensor& ids_in,
+                const at::Tensor& weights_in, const std::optional<at::Tensor>& zg_in,
+                const std::optional<at::Tensor>& Bg_in, const std::optional<at::Tensor>& zu_in,
+                const std::optional<at::Tensor>& Bu_in, const std::optional<at::Tensor>& Ad_in)
+      : G(G_in.contiguous()), U(U_in.contiguous()), ids(ids_in.contiguous()),
+        weights(weights_in.contiguous()), zg(contiguous_or_undefined(zg_in)),
+        Bg_t(rank_major_or_undefined(Bg_in)), zu(contiguous_or_undefined(zu_in)),
+        Bu_t(rank_major_or_undefined(Bu_in)), Ad(contiguous_or_undefined(Ad_in)) {}
+
+  // Fills every field of SwigluInputs.
+  void fill(cuda::SwigluInputs& in, double scale, int64_t activation, double dropout_p,
+            int64_t seed) const {
+    in.G = G.const_data_ptr();
+    in.U = U.const_data_ptr();
+    in.ids = ids.const_data_ptr<int32_t>();
+    in.weights = weights.const_data_ptr();
+    in.zg = data_or_null(zg);
+    in.Bg_t = data_or_null(Bg_t);
+    in.zu = data_or_null(zu);
+    in.Bu_t = data_or_null(Bu_t);
+    in.Ad = data_or_null(Ad);
+    in.T = T(), in.I = I(), in.E = num_experts(Bg_t, Bu_t, Ad), in.k = k();
+    in.Rg = Rg(), in.Ru = Ru(), in.Rd = Rd();
+    in.scale = scale;
+    in.activation = static_cast<int>(activation);
+    in.dropout_p = dropout_p;
+    in.key = dropout_key(seed, kDownStream);
+    in.dtype = static_cast<cuda::DType>(G.scalar_type());
+  }
+
+  int64_t T() const { return G.size(0); }
+  int64_t I() const { return G.size(1); }
+  int64_t k() const { return ids.size(1); }
+  int64_t Rg() const { return Bg_t.defined() ? Bg_t.size(1) : 0; }
+  int64_t Ru() const { return Bu_t.defined() ? Bu_t.size(1) : 0; }
+  int64_t Rd() const { return Ad.defined() ? Ad.size(1) : 0; }
+
+  at::Tensor G, U, ids, weights, zg, Bg_t, zu, Bu_t, Ad;
+};
+
 // An output of `sizes`, or shape [0] for the gradient of an absent optional input.
 at::Tensor empty_if(bool present, at::IntArrayRef sizes, const at::TensorOptions& options) {
   return present ? at::empty(sizes, options) : at::empty({0}, options);
@@ -44,35 +86,15 @@ std::tuple<at::Tensor, at::Tensor> moe_swiglu_cuda(
   check_moe_swiglu(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in, activation,
                    dropout_p);
   const c10::cuda::CUDAGuard guard(G_in.device());
-  const auto G = G_in.contiguous(), U = U_in.contiguous(), ids = ids_in.contiguous();
-  const auto weights = weights_in.contiguous();
-  const auto zg = contiguous_or_undefined(zg_in), Bg_t = rank_major_or_undefined(Bg_in);
-  const auto zu = contiguous_or_undefined(zu_in), Bu_t = rank_major_or_undefined(Bu_in);
-  const auto Ad = contiguous_or_undefined(Ad_in);
-  const int64_t T = G.size(0), I = G.size(1), k = ids.size(1);
-  const int64_t Rg = Bg_t.defined() ? Bg_t.size(1) : 0, Ru = Bu_t.defined() ? Bu_t.size(1) : 0;
-  const int64_t Rd = Ad.defined() ? Ad.size(1) : 0;
-  const auto acc_options = G.options().dtype(acc_type(G.scalar_type()));
-  auto hbar = at::empty({T, I}, G.options());
-  auto zd = empty_if(Ad.defined(), {T, k, Rd}, acc_options);
+  const SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
+  const int64_t T = in.T(), I = in.I(), k = in.k(), Rd = in.Rd();
+  const auto acc_options = in.G.options().dtype(acc_type(in.G.scalar_type()));
+  auto hbar = at::empty({T, I}, in.G.options());
+  auto zd = empty_if(in.Ad.defined(), {T, k, Rd}, acc_options);
   cuda::MoeSwigluParams p{};
-  p.G = G.const_data_ptr();
-  p.U = U.const_data_ptr();
-  p.ids = ids.const_data_ptr<int32_t>();
-  p.weights = weights.const_data_ptr();
-  p.zg = data_or_null(zg);
-  p.Bg_t = data_or_null(Bg_t);
-  p.zu = data_or_null(zu);
-  p.Bu_t = data_or_null(Bu_t);
-  p.Ad = data_or_null(Ad);
+  in.fill(p, scale, activation, dropout_p, seed);
   p.hbar = hbar.data_ptr();
-  p.zd = Ad.defined() ? zd.data_ptr() : nullptr;
-  p.T = T, p.I = I, p.E = num_experts(Bg_t, Bu_t, Ad), p.k = k, p.Rg = Rg, p.Ru = Ru, p.Rd = Rd;
-  p.scale = scale;
-  p.activation = static_cast<int>(activation);
-  p.dropout_p = dropout_p;
-  p.key = dropout_key(seed, kDownStream);
-  p.dtype = static_cast<cuda::DType>(G.scalar_type());
+  p.zd = in.Ad.defined() ? zd.data_ptr() : nullptr;
   auto workspace = at::empty({cuda::moe_swiglu_workspace_elems(p)}, acc_options);
   p.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::launch_moe_swiglu(p, c10::cuda::getCurrentCUDAStream()));
@@ -94,55 +116,34 @@ moe_swiglu_backward_cuda(const at::Tensor& grad_hbar_in,
   check_moe_swiglu_backward(grad_hbar_in, grad_zd_in, G_in, U_in, ids_in, weights_in, zg_in, Bg_in,
                             zu_in, Bu_in, Ad_in, order_in, offsets_in, activation, dropout_p);
   const c10::cuda::CUDAGuard guard(G_in.device());
+  const SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
   const auto grad_hbar = grad_hbar_in.contiguous(), grad_zd = contiguous_or_undefined(grad_zd_in);
-  const auto G = G_in.contiguous(), U = U_in.contiguous(), ids = ids_in.contiguous();
-  const auto weights = weights_in.contiguous();
-  const auto zg = contiguous_or_undefined(zg_in), Bg_t = rank_major_or_undefined(Bg_in);
-  const auto zu = contiguous_or_undefined(zu_in), Bu_t = rank_major_or_undefined(Bu_in);
-  const auto Ad = contiguous_or_undefined(Ad_in);
   const auto order = order_in.contiguous(), offsets = offsets_in.contiguous();
-  const int64_t T = G.size(0), I = G.size(1), k = ids.size(1);
+  const int64_t T = in.T(), I = in.I(), k = in.k(), Rg = in.Rg(), Ru = in.Ru(), Rd = in.Rd();
   const int64_t E = offsets.size(0) - 1;  // the weights' E when any is given (checked)
-  const int64_t Rg = Bg_t.defined() ? Bg_t.size(1) : 0, Ru = Bu_t.defined() ? Bu_t.size(1) : 0;
-  const int64_t Rd = Ad.defined() ? Ad.size(1) : 0;
-  const auto options = G.options();
-  const auto acc_options = options.dtype(acc_type(G.scalar_type()));
+  const auto options = in.G.options();
+  const auto acc_options = options.dtype(acc_type(in.G.scalar_type()));
   auto dG = at::empty({T, I}, options), dU = at::empty({T, I}, options);
   auto dweights = at::empty({T, k}, acc_options);
-  auto dzg = empty_if(zg.defined(), {T, k, Rg}, acc_options);
-  auto dzu = empty_if(zu.defined(), {T, k, Ru}, acc_options);
-  auto dBg = empty_if(Bg_t.defined(), {E, I, Rg}, options);
-  auto dBu = empty_if(Bu_t.defined(), {E, I, Ru}, options);
-  auto dAd = empty_if(Ad.defined(), {E, Rd, I}, options);
+  auto dzg = empty_if(in.zg.defined(), {T, k, Rg}, acc_options);
+  auto dzu = empty_if(in.zu.defined(), {T, k, Ru}, acc_options);
+  auto dBg = empty_if(in.Bg_t.defined(), {E, I, Rg}, options);
+  auto dBu = empty_if(in.Bu_t.defined(), {E, I, Ru}, options);
+  auto dAd = empty_if(in.Ad.defined(), {E, Rd, I}, options);
   cuda::MoeSwigluBackwardParams p{};
+  in.fill(p, scale, activation, dropout_p, seed);
   p.grad_hbar = grad_hbar.const_data_ptr();
   p.grad_zd = data_or_null(grad_zd);
-  p.G = G.const_data_ptr();
-  p.U = U.const_data_ptr();
-  p.ids = ids.const_data_ptr<int32_t>();
-  p.weights = weights.const_data_ptr();
-  p.zg = data_or_null(zg);
-  p.Bg_t = data_or_null(Bg_t);
-  p.zu = data_or_null(zu);
-  p.Bu_t = data_or_null(Bu_t);
-  p.Ad = data_or_null(Ad);
   p.order = order.const_data_ptr<int32_t>();
   p.offsets = offsets.const_data_ptr<int64_t>();
   p.dG = dG.data_ptr();
   p.dU = dU.data_ptr();
   p.dweights = dweights.data_ptr();
-  p.dzg = zg.defined() ? dzg.data_ptr() : nullptr;
-  p.dzu = zu.defined() ? dzu.data_ptr() : nullptr;
-  p.dBg = Bg_t.defined() ? dBg.data_ptr() : nullptr;
-  p.dBu = Bu_t.defined() ? dBu.data_ptr() : nullptr;
-  p.dAd = Ad.defined() ? dAd.data_ptr() : nullptr;
-  p.T = T, p.I = I, p.E = num_experts(Bg_t, Bu_t, Ad) > 0 ? E : 0, p.k = k;
-  p.Rg = Rg, p.Ru = Ru, p.Rd = Rd;
-  p.scale = scale;
-  p.activation = static_cast<int>(activation);
-  p.dropout_p = dropout_p;
-  p.key = dropout_key(seed, kDownStream);
-  p.dtype = static_cast<cuda::DType>(G.scalar_type());
+  p.dzg = in.zg.defined() ? dzg.data_ptr() : nullptr;
+  p.dzu = in.zu.defined() ? dzu.data_ptr() : nullptr;
+  p.dBg = in.Bg_t.defined() ? dBg.data_ptr() : nullptr;
+  p.dBu = in.Bu_t.defined() ? dBu.data_ptr() : nullptr;
+  p.dAd = in.Ad.defined() ? dAd.data_ptr() : nullptr;
   auto workspace = at::empty({cuda::moe_swiglu_backward_workspace_elems(p)}, acc_options);
   p.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::launch_moe_swiglu_backward(p, c10::cuda::getCurrentCUDAStream()));

@@ -249,8 +249,8 @@ struct SwigluWeights {
   int act;
 };
 
-template <typename scalar_t, typename Params>
-SwigluWeights<scalar_t> swiglu_weights(const Params& p) {
+template <typename scalar_t>
+SwigluWeights<scalar_t> swiglu_weights(const SwigluInputs& p) {
   return {static_cast<const scalar_t*>(p.Bg_t), static_cast<const scalar_t*>(p.Bu_t), p.I, p.Rg,
           p.Ru, static_cast<acc_of<scalar_t>>(p.scale), p.activation};
 }
@@ -293,7 +293,8 @@ __device__ __forceinline__ void stage(acc_t* dst, const acc_t* src, int64_t n) {
   for (int64_t r = threadIdx.x; r < n; r += blockDim.x) dst[r] = src[r];
 }
 
-// recompute (above) on the token-major kernels' columns, through load_cols.
+// recompute (above) for z in global memory (the token-major kernels): rank_cols reads z with
+// 16-byte __ldg loads, which recompute's callers cannot use, their z being in shared memory.
 template <int V, typename scalar_t>
 __device__ __forceinline__ void recompute_cols(const SwigluWeights<scalar_t>& w, int64_t e,
                                                int64_t i0, const acc_of<scalar_t> (&G)[V],

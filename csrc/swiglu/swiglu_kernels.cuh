@@ -17,7 +17,8 @@
 namespace mixlora {
 namespace cuda {
 
-struct MoeSwigluParams {
+// What the forward and the backward both read: the recompute's inputs and its settings.
+struct SwigluInputs {
   const void* G;        // [T, I] dtype
   const void* U;        // [T, I] dtype
   const int32_t* ids;   // [T, k]
@@ -27,9 +28,6 @@ struct MoeSwigluParams {
   const void* zu;       // [T, k, Ru] acc, or null
   const void* Bu_t;     // [E, Ru, I] dtype, or null
   const void* Ad;       // [E, Rd, I] dtype, or null
-  void* hbar;           // [T, I] dtype
-  void* zd;             // [T, k, Rd] acc (when Ad)
-  void* workspace;      // moe_swiglu_workspace_elems(*this) acc elements
   int64_t T, I, E, k, Rg, Ru, Rd;
   double scale;
   int activation;
@@ -37,22 +35,19 @@ struct MoeSwigluParams {
   uint64_t key;
   DType dtype;
 };
+
+struct MoeSwigluParams : SwigluInputs {
+  void* hbar;       // [T, I] dtype
+  void* zd;         // [T, k, Rd] acc (when Ad)
+  void* workspace;  // moe_swiglu_workspace_elems(*this) acc elements
+};
 // acc elements of workspace the launch needs (0: none); call with every other field set.
 int64_t moe_swiglu_workspace_elems(const MoeSwigluParams& p);
 cudaError_t launch_moe_swiglu(const MoeSwigluParams& p, cudaStream_t stream);
 
-struct MoeSwigluBackwardParams {
+struct MoeSwigluBackwardParams : SwigluInputs {
   const void* grad_hbar;  // [T, I] dtype
   const void* grad_zd;    // [T, k, Rd] acc, or null
-  const void* G;          // [T, I] dtype
-  const void* U;          // [T, I] dtype
-  const int32_t* ids;     // [T, k]
-  const void* weights;    // [T, k] acc
-  const void* zg;         // [T, k, Rg] acc, or null
-  const void* Bg_t;       // [E, Rg, I] dtype, or null
-  const void* zu;         // [T, k, Ru] acc, or null
-  const void* Bu_t;       // [E, Ru, I] dtype, or null
-  const void* Ad;         // [E, Rd, I] dtype, or null
   const int32_t* order;   // [N] pairs grouped by expert
   const int64_t* offsets; // [E + 1]
   void* dG;               // [T, I] dtype
@@ -64,12 +59,6 @@ struct MoeSwigluBackwardParams {
   void* dBu;              // [E, I, Ru] dtype (when Bu)
   void* dAd;              // [E, Rd, I] dtype (when Ad)
   void* workspace;        // moe_swiglu_backward_workspace_elems(*this) acc elements
-  int64_t T, I, E, k, Rg, Ru, Rd;
-  double scale;
-  int activation;
-  double dropout_p;
-  uint64_t key;
-  DType dtype;
 };
 int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p);
 cudaError_t launch_moe_swiglu_backward(const MoeSwigluBackwardParams& p, cudaStream_t stream);
