@@ -137,6 +137,42 @@ __device__ __forceinline__ acc_t warp_max(acc_t v) {
   return v;
 }
 
+// Asynchronous global -> shared copies (cp.async, sm_80+), in commit groups: cp_async copies
+// BYTES (4, 8 or 16) bytes; cp_async16_zfill copies 16 bytes, or writes 16 zero bytes when
+// !valid (gmem_ptr must still be a valid address); cp_async_wait<N> waits until at most N of
+// the thread's committed groups are in flight. Kernels built for older GPUs trap.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem_ptr, const void* gmem_ptr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem_ptr), "n"(BYTES)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async16_zfill(void* smem_ptr, const void* gmem_ptr, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_ptr),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Calls f(scalar_t{}) with the C++ type of `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

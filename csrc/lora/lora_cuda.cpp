@@ -67,11 +67,13 @@ at::Tensor lora_weight_grad_cuda(const at::Tensor& z_in, const at::Tensor& x_in,
   const int64_t T = x.size(0), D = x.size(1), k = z.size(1), R = z.size(2);
   const int64_t E = offsets.size(0) - 1;
   auto out = at::empty({E, R, D}, z.options());  // every element written (0 for empty experts)
-  const cuda::LoraWeightGradParams p{z.const_data_ptr(), x.const_data_ptr(),
-                                     order.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
-                                     data_or_null(coef), out.data_ptr(), T, D, E, R, k, dropout_p,
-                                     dropout_key(seed, stream),
-                                     static_cast<cuda::DType>(x.scalar_type())};
+  cuda::LoraWeightGradParams p{z.const_data_ptr(), x.const_data_ptr(),
+                               order.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
+                               data_or_null(coef), out.data_ptr(), nullptr, T, D, E, R, k, dropout_p,
+                               dropout_key(seed, stream),
+                               static_cast<cuda::DType>(x.scalar_type())};
+  auto workspace = at::empty({cuda::lora_weight_grad_workspace_elems(p)}, z.options());
+  p.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::launch_lora_weight_grad(p, c10::cuda::getCurrentCUDAStream()));
   return out;
 }

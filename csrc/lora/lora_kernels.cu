@@ -15,7 +15,13 @@ constexpr int kShrinkThreads = 256;
 constexpr int kExpandThreads = 128;
 constexpr int kGradRankGroups = 8;    // warps (rank groups) per lora_weight_grad block, at most
 constexpr int kGradRanks = kRankGroup * kGradRankGroups;  // ranks per lora_weight_grad block
-constexpr int kPairUnroll = 4;        // pairs whose loads lora_weight_grad issues together
+constexpr int kGradChunk = 16;        // pairs lora_weight_grad stages in shared memory at once
+constexpr int kStageRows = kWarpSize / kRankGroup;     // pairs whose z a block copies per pass
+constexpr int kStagePasses = kGradChunk / kStageRows;  // z values a thread copies per chunk
+constexpr int kGradPairsPerSplit = 128;  // pairs per split of an expert, on average, at least
+constexpr int kGradMaxSplits = 8;       // pair splits of an expert, at most
+constexpr int64_t kGradWorkspaceBytes = int64_t(64) << 20;  // split partials, at most
+constexpr int kSumThreads = 256;
 constexpr int kMaskThreads = 256;
 
 // One block per token t; it owns z[t, :, :]. For each slot j (pair q) it builds q's dropout
@@ -119,62 +125,178 @@ __global__ void __launch_bounds__(kExpandThreads) lora_expand_kernel(LoraExpandP
   store_acc<V>(static_cast<scalar_t*>(p.y) + t * p.D + d0, y);
 }
 
-// Block (column tile, expert e, rank tile): lane l owns the V consecutive columns
-// d0 = (tile * 32 + l) * V and warp w the ranks r0 = rank_tile * 64 + 8 w ... r0 + 7, a
-// [8, V] accumulator in registers. The block walks e's pairs [offsets[e], offsets[e+1]) in
-// ascending order, so every output element is one sequential sum in the contract's order.
+// V acc values at p, 16 bytes at a time (p 16-byte aligned, V * sizeof(acc_t) a multiple of 16).
+template <int V, typename acc_t>
+__device__ __forceinline__ void load_acc_words(const acc_t* p, acc_t (&out)[V]) {
+  constexpr int kPerWord = 16 / static_cast<int>(sizeof(acc_t));
+  static_assert(V % kPerWord == 0, "whole 16-byte words");
+#pragma unroll
+  for (int i = 0; i < V / kPerWord; ++i) {
+    const uint4 raw = reinterpret_cast<const uint4*>(p)[i];
+    const acc_t* w = reinterpret_cast<const acc_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kPerWord; ++j) out[i * kPerWord + j] = w[j];
+  }
+}
+
+// Store V acc values at p: 16 bytes at a time when V of them fill whole 16-byte words (p then
+// 16-byte aligned), else one at a time.
+template <int V, typename acc_t>
+__device__ __forceinline__ void store_acc_row(acc_t* p, const acc_t (&in)[V]) {
+  constexpr int kPerWord = 16 / static_cast<int>(sizeof(acc_t));
+  if constexpr (V % kPerWord == 0) {
+#pragma unroll
+    for (int i = 0; i < V / kPerWord; ++i) {
+      uint4 raw;
+      acc_t* w = reinterpret_cast<acc_t*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kPerWord; ++j) w[j] = in[i * kPerWord + j];
+      reinterpret_cast<uint4*>(p)[i] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < V; ++v) p[v] = in[v];
+  }
+}
+
+// Block (column tile, expert e, rank tile * S + split s): lane l owns the V consecutive columns
+// d0 = (tile * 32 + l) * V and warp w the ranks r0 = rank_tile * 64 + 8 w ... r0 + 7, a [8, V]
+// accumulator in registers. Split s of the S = `splits` takes e's pairs
+// [b + n * s / S, b + n * (s + 1) / S) (b = offsets[e], n the expert's pair count) and adds
+// them in ascending order, so every output element is S sequential sums added in split order.
+// The pairs go kGradChunk at a time through two shared-memory stages, cp.async copying chunk
+// c + 1 while chunk c is added. A stage holds per pair the offsets of its z and x rows, its
+// dropout index base q * D, coef, the z values of the block's RT = 8 * warps ranks (zeros past
+// R; times coef once they land) and, with V > 1, the tile's 32 * V columns of its x row (V == 1
+// reads x from global memory). With S == 1 the block writes out[e, r, d]; else
+// workspace[s, e, r, d] for sum_splits_kernel.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kWarpSize * kGradRankGroups)
-    lora_weight_grad_kernel(LoraWeightGradParams p) {
+    lora_weight_grad_kernel(LoraWeightGradParams p, int64_t splits) {
   using acc_t = acc_of<scalar_t>;
+  constexpr bool kStageX = V > 1;
+  constexpr int kTileCols = kWarpSize * V;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int64_t z_rows_s[2][kGradChunk];  // q * R
+  __shared__ int64_t rows_s[2][kGradChunk];    // (q / k) * D
+  __shared__ int64_t masks_s[2][kGradChunk];   // q * D
+  __shared__ acc_t coef_s[2][kGradChunk];
+  const int ranks = int(blockDim.x) / kWarpSize * kRankGroup;  // RT
+  acc_t* z_s = reinterpret_cast<acc_t*>(smem);  // [2][kGradChunk][RT]
+  scalar_t* x_s = reinterpret_cast<scalar_t*>(z_s + 2 * kGradChunk * ranks);  // [2][kGradChunk][32V]
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t e = blockIdx.y;
+  const int warps = int(blockDim.x) / kWarpSize;
+  const int64_t e = blockIdx.y, split = blockIdx.z % splits;
+  const int64_t rank_base = int64_t(blockIdx.z / splits) * kGradRanks;
   const int64_t d0 = (int64_t(blockIdx.x) * kWarpSize + lane) * V;
-  const int64_t r0 = int64_t(blockIdx.z) * kGradRanks + warp * kRankGroup;
-  if (d0 >= p.D || r0 >= p.R) return;
+  const int64_t r0 = rank_base + warp * kRankGroup;
+  const bool active = d0 < p.D;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);  // [T, D]
   const acc_t* z = static_cast<const acc_t*>(p.z);        // [N, R]
   const acc_t* coef = static_cast<const acc_t*>(p.coef);  // [N] or null
   const DropoutScale<acc_t> drop(p.dropout_p, p.key);
-  acc_t sum[kRankGroup][V] = {};
-  const int64_t end = p.offsets[e + 1];
-  for (int64_t pos = p.offsets[e]; pos < end; pos += kPairUnroll) {
-    // The loads of kPairUnroll pairs go out before any of them is added (still in order).
-    int64_t q[kPairUnroll];
-    acc_t c[kPairUnroll], xv[kPairUnroll][V];
+  const int64_t first = p.offsets[e], count = p.offsets[e + 1] - first;
+  const int64_t begin = first + count * split / splits;
+  const int64_t end = first + count * (split + 1) / splits;
+
+  // Thread i copies rank i % RT of the chunk's z rows i / RT + 4 j (blockDim = 4 RT).
+  const int stage_rank = threadIdx.x % ranks, stage_pair = threadIdx.x / ranks;
+  const bool stage_valid = rank_base + stage_rank < p.R;
+  // Stage st <- the chunk at base: its pair list first (thread c: pair c), then the copies,
+  // committed as one group. The caller has made the stage's previous readers wait.
+  auto stage_chunk = [&](int st, int64_t base) {
+    const int n = static_cast<int>(min(int64_t(kGradChunk), end - base));
+    if (threadIdx.x < n) {
+      const int64_t q = p.order[base + threadIdx.x];
+      z_rows_s[st][threadIdx.x] = q * p.R;
+      rows_s[st][threadIdx.x] = (q / p.k) * p.D;
+      masks_s[st][threadIdx.x] = q * p.D;
+      if (coef != nullptr) cp_async<sizeof(acc_t)>(&coef_s[st][threadIdx.x], coef + q);
+    }
+    __syncthreads();
+    acc_t* zst = z_s + st * kGradChunk * ranks;
+    const acc_t* z_cols = z + rank_base + stage_rank;
 #pragma unroll
-    for (int u = 0; u < kPairUnroll; ++u) q[u] = pos + u < end ? p.order[pos + u] : 0;
-#pragma unroll
-    for (int u = 0; u < kPairUnroll; ++u) {
-      if (pos + u < end) {
-        c[u] = coef != nullptr ? coef[q[u]] : acc_t(1);
-        load_acc<V>(x + (q[u] / p.k) * p.D + d0, xv[u]);
-        if (drop.active) {
-#pragma unroll
-          for (int v = 0; v < V; ++v) xv[u][v] *= drop.factor(q[u] * p.D + d0 + v);
-        }
+    for (int j = 0; j < kStagePasses; ++j) {
+      const int c = stage_pair + j * kStageRows;
+      if (c < n && stage_valid) {
+        cp_async<sizeof(acc_t)>(zst + c * ranks + stage_rank, z_cols + z_rows_s[st][c]);
+      } else {
+        zst[c * ranks + stage_rank] = acc_t(0);
       }
     }
+    if (kStageX && active) {  // lane l copies its own 16 bytes of each pair's row
+      scalar_t* xst = x_s + st * kGradChunk * kTileCols + lane * V;
+      for (int c = warp; c < n; c += warps) {
+        cp_async<16>(xst + c * kTileCols, x + rows_s[st][c] + d0);
+      }
+    }
+    cp_async_commit();
+  };
+
+  acc_t sum[kRankGroup][V] = {};
+  // The chunk's n pairs of stage st into sum, in order.
+  auto add_chunk = [&](int st, int n) {
+    const acc_t* zc = z_s + st * kGradChunk * ranks + warp * kRankGroup;  // pair c's ranks
+    const scalar_t* xc = x_s + st * kGradChunk * kTileCols + lane * V;   // pair c's columns
+    for (int c = 0; c < n; ++c, zc += ranks, xc += kTileCols) {
+      acc_t xv[V], cz[kRankGroup];
+      load_acc<V>(kStageX ? xc : x + rows_s[st][c] + d0, xv);
+      load_acc_words<kRankGroup>(zc, cz);
+      if (drop.active) {
 #pragma unroll
-    for (int u = 0; u < kPairUnroll; ++u) {
-      if (pos + u >= end) break;
+        for (int v = 0; v < V; ++v) xv[v] *= drop.factor(masks_s[st][c] + d0 + v);
+      }
 #pragma unroll
       for (int rr = 0; rr < kRankGroup; ++rr) {
-        if (r0 + rr < p.R) {
-          const acc_t cz = c[u] * z[q[u] * p.R + r0 + rr];
 #pragma unroll
-          for (int v = 0; v < V; ++v) sum[rr][v] += cz * xv[u][v];
-        }
+        for (int v = 0; v < V; ++v) sum[rr][v] += cz[rr] * xv[v];
       }
     }
+  };
+
+  if (begin < end) stage_chunk(0, begin);
+  int st = 0;
+  for (int64_t base = begin; base < end; base += kGradChunk, st ^= 1) {
+    const int n = static_cast<int>(min(int64_t(kGradChunk), end - base));
+    const bool more = base + kGradChunk < end;
+    __syncthreads();  // the other stage's readers (the previous chunk) are done
+    if (more) stage_chunk(st ^ 1, base + kGradChunk);
+    if (more) {
+      cp_async_wait<1>();  // this chunk's group has landed (the next one may still fly)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // ... for every thread's copies
+    if (coef != nullptr) {  // z <- coef * z, each value by the thread that copied it
+      acc_t* zst = z_s + st * kGradChunk * ranks;
+#pragma unroll
+      for (int j = 0; j < kStagePasses; ++j) {
+        const int c = stage_pair + j * kStageRows;
+        if (c < n) zst[c * ranks + stage_rank] *= coef_s[st][c];
+      }
+      __syncthreads();
+    }
+    if (active) add_chunk(st, n);
   }
-  acc_t* out = static_cast<acc_t*>(p.out);  // [E, R, D]
+  if (!active) return;
+  acc_t* dst = splits == 1 ? static_cast<acc_t*>(p.out) + e * p.R * p.D  // [R, D]
+                           : static_cast<acc_t*>(p.workspace) + (split * p.E + e) * p.R * p.D;
 #pragma unroll
   for (int rr = 0; rr < kRankGroup; ++rr) {
-    if (r0 + rr < p.R) {
-#pragma unroll
-      for (int v = 0; v < V; ++v) out[(e * p.R + r0 + rr) * p.D + d0 + v] = sum[rr][v];
-    }
+    if (r0 + rr < p.R) store_acc_row<V>(dst + (r0 + rr) * p.D + d0, sum[rr]);
+  }
+}
+
+// out = the sum over splits, in split order, of workspace [S, E, R, D]: one thread per element.
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumThreads)
+    sum_splits_kernel(acc_t* out, const acc_t* workspace, int64_t count, int64_t splits) {
+  const int64_t stride = int64_t(gridDim.x) * kSumThreads;
+  for (int64_t idx = int64_t(blockIdx.x) * kSumThreads + threadIdx.x; idx < count; idx += stride) {
+    acc_t sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += workspace[s * count + idx];
+    out[idx] = sum;
   }
 }
 
@@ -191,6 +313,18 @@ bool rows_vectorizable(int64_t D, std::initializer_list<const void*> bases) {
   bool vec = D % kVec<scalar_t> == 0;
   for (const void* base : bases) vec = vec && aligned16(base);
   return vec;
+}
+
+// Pair splits per expert of lora_weight_grad: about kGradPairsPerSplit pairs or more each, at
+// most kGradMaxSplits, partials within kGradWorkspaceBytes. The shapes alone decide, never the
+// device, so the summation order is the same everywhere; few pairs take one split and skip
+// the partials' round trip through the workspace.
+int64_t weight_grad_splits(const LoraWeightGradParams& p, int64_t acc_bytes) {
+  const int64_t outputs = p.E * p.R * p.D;
+  if (outputs == 0) return 1;
+  const int64_t by_pairs = p.T * p.k / (p.E * kGradPairsPerSplit);
+  const int64_t by_budget = kGradWorkspaceBytes / (outputs * acc_bytes);
+  return std::max<int64_t>(1, std::min({int64_t(kGradMaxSplits), by_pairs, by_budget}));
 }
 
 }  // namespace
@@ -238,24 +372,49 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, cudaStream_t stream) {
   });
 }
 
+int64_t lora_weight_grad_workspace_elems(const LoraWeightGradParams& p) {
+  int64_t elems = 0;
+  dispatch_dtype(p.dtype, [&](auto zero) {
+    using acc_t = acc_of<decltype(zero)>;
+    const int64_t splits = weight_grad_splits(p, sizeof(acc_t));
+    elems = splits > 1 ? splits * p.E * p.R * p.D : 0;
+    return cudaSuccess;
+  });
+  return elems;
+}
+
 cudaError_t launch_lora_weight_grad(const LoraWeightGradParams& p, cudaStream_t stream) {
   if (p.E == 0 || p.R == 0 || p.D == 0) return cudaSuccess;  // nothing to write
   return dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
+    using acc_t = acc_of<scalar_t>;
+    const int64_t splits = weight_grad_splits(p, sizeof(acc_t));
     const int64_t rank_groups = std::min<int64_t>(kGradRankGroups, (p.R + kRankGroup - 1) / kRankGroup);
     auto launch = [&](auto kernel, int V) {
+      // Two stages of z [kGradChunk, RT] acc and, with V > 1, x [kGradChunk, 32 V].
+      const size_t smem = 2 * kGradChunk *
+                          (sizeof(acc_t) * rank_groups * kRankGroup + (V > 1 ? 16 * kWarpSize : 0));
+      const cudaError_t err = allow_dynamic_smem(kernel, smem);
+      if (err != cudaSuccess) return err;
       const int64_t cols_per_block = int64_t(kWarpSize) * V;
+      const int64_t rank_tiles = (p.R + kGradRanks - 1) / kGradRanks;
       const dim3 grid(static_cast<unsigned>((p.D + cols_per_block - 1) / cols_per_block),
-                      static_cast<unsigned>(p.E),
-                      static_cast<unsigned>((p.R + kGradRanks - 1) / kGradRanks));
-      kernel<<<grid, static_cast<unsigned>(rank_groups * kWarpSize), 0, stream>>>(p);
+                      static_cast<unsigned>(p.E), static_cast<unsigned>(rank_tiles * splits));
+      kernel<<<grid, static_cast<unsigned>(rank_groups * kWarpSize), smem, stream>>>(p, splits);
       MIXLORA_RETURN_IF_LAUNCH_FAILED();
       return cudaSuccess;
     };
-    if (rows_vectorizable<scalar_t>(p.D, {p.x})) {
-      return launch(lora_weight_grad_kernel<scalar_t, kVec<scalar_t>>, kVec<scalar_t>);
-    }
-    return launch(lora_weight_grad_kernel<scalar_t, 1>, 1);
+    constexpr int kV = kVec<scalar_t>;
+    const cudaError_t err = rows_vectorizable<scalar_t>(p.D, {p.x, p.out, p.workspace})
+                                ? launch(lora_weight_grad_kernel<scalar_t, kV>, kV)
+                                : launch(lora_weight_grad_kernel<scalar_t, 1>, 1);
+    if (err != cudaSuccess || splits == 1) return err;
+    const int64_t count = p.E * p.R * p.D;
+    const int64_t blocks = std::min<int64_t>((count + kSumThreads - 1) / kSumThreads, 65536);
+    sum_splits_kernel<acc_t><<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(
+        static_cast<acc_t*>(p.out), static_cast<const acc_t*>(p.workspace), count, splits);
+    MIXLORA_RETURN_IF_LAUNCH_FAILED();
+    return cudaSuccess;
   });
 }
 

@@ -43,7 +43,8 @@ struct LoraExpandParams {
 cudaError_t launch_lora_expand(const LoraExpandParams& p, cudaStream_t stream);
 
 // out[e, r, d] = sum_{p in [offsets[e], offsets[e+1])} (coef.flat[q] or 1) * z.flat[q, r]
-//                * drop_q(x[q / k])[d],   q = order[p], p ascending
+//                * drop_q(x[q / k])[d],   q = order[p]: e's pairs cut into a number of splits
+// that depends on the shapes only, each summed in ascending p, the splits added in order.
 struct LoraWeightGradParams {
   const void* z;           // [T, k, R] acc
   const void* x;           // [T, D] dtype
@@ -51,11 +52,14 @@ struct LoraWeightGradParams {
   const int64_t* offsets;  // [E + 1]
   const void* coef;        // [T, k] acc, or null
   void* out;               // [E, R, D] acc
+  void* workspace;         // lora_weight_grad_workspace_elems(*this) acc elements
   int64_t T, D, E, R, k;
   double dropout_p;
   uint64_t key;
   DType dtype;
 };
+// acc elements of workspace the launch needs (0: none); call with every other field set.
+int64_t lora_weight_grad_workspace_elems(const LoraWeightGradParams& p);
 cudaError_t launch_lora_weight_grad(const LoraWeightGradParams& p, cudaStream_t stream);
 
 // mask[i] = dropout_keep(key, i, p), i < numel

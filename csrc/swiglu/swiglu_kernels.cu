@@ -541,19 +541,6 @@ __global__ void __launch_bounds__(kExpertCols)
   }
 }
 
-// Asynchronous global -> shared copies of BYTES (4, 8 or 16) bytes (sm_80+), in commit groups.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* smem_ptr, const void* gmem_ptr) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(dst), "l"(gmem_ptr), "n"(BYTES)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Block (column tile, expert e, split); thread column i with all ranks (<= kFastRanks): the
 // expert's weights of column i in registers, kFastChunk pairs at a time with their zg, zu,
 // grad_zd rows (zero-padded to kFastRanks) and G, U, grad_hbar entries staged in shared memory
