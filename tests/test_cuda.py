@@ -23,7 +23,7 @@ import torch
 
 import mixlora_ext  # noqa: F401  (registers torch.ops.mixlora)
 import op_reference as ref
-from op_inputs import OP_VARIANTS, SEED, OpInputs
+from op_inputs import OP_VARIANTS, SEED, SWIGLU_VARIANTS, OpInputs
 import test_layer
 from conftest import HAS_CUDA, lora_params, make_layer
 from mixlora_ext import reference_forward
@@ -163,6 +163,16 @@ def test_bitwise_deterministic(name, variant, dtype):
     first, second = run_op(name, args), run_op(name, args)
     for a, b in zip(first, second):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
+def test_bitwise_deterministic_tensor_core_forward(variant):
+    """The bfloat16 forward at a shape the tensor-core kernel takes (I % 8 == 0, r = 16, E = 8),
+    over several column tiles and token groups."""
+    args = make_args("moe_swiglu", (4097, 8, 2, 16, 1544), torch.bfloat16, variant)
+    first, second = run_op("moe_swiglu", args), run_op("moe_swiglu", args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 # --- routing extremes ----------------------------------------------------------------------

@@ -25,12 +25,13 @@ int64_t num_experts(const at::Tensor& Bg, const at::Tensor& Bu, const at::Tensor
   return 0;
 }
 
-// Bg / Bu rank-major, [E, R, I], as the kernels read them (see swiglu_kernels.cuh).
-at::Tensor rank_major_or_undefined(const std::optional<at::Tensor>& B) {
-  return B.has_value() ? B->transpose(1, 2).contiguous() : at::Tensor();
+// Bg / Bu rank-major, [E, R, I], as the CUDA-core kernels read them (swiglu_kernels.cuh).
+at::Tensor rank_major_or_undefined(const at::Tensor& B) {
+  return B.defined() ? B.transpose(1, 2).contiguous() : at::Tensor();
 }
 
-// The inputs forward and backward share, contiguous (Bg / Bu rank-major).
+// The inputs forward and backward share, contiguous; Bg / Bu also rank-major once
+// make_rank_major is called.
 struct SwigluTensors {
   SwigluTensors(const at::Tensor& G_in, const at::Tensor& U_in, const at::Tensor& ids_in,
                 const at::Tensor& weights_in, const std::optional<at::Tensor>& zg_in,
@@ -38,10 +39,15 @@ struct SwigluTensors {
                 const std::optional<at::Tensor>& Bu_in, const std::optional<at::Tensor>& Ad_in)
       : G(G_in.contiguous()), U(U_in.contiguous()), ids(ids_in.contiguous()),
         weights(weights_in.contiguous()), zg(contiguous_or_undefined(zg_in)),
-        Bg_t(rank_major_or_undefined(Bg_in)), zu(contiguous_or_undefined(zu_in)),
-        Bu_t(rank_major_or_undefined(Bu_in)), Ad(contiguous_or_undefined(Ad_in)) {}
+        Bg(contiguous_or_undefined(Bg_in)), zu(contiguous_or_undefined(zu_in)),
+        Bu(contiguous_or_undefined(Bu_in)), Ad(contiguous_or_undefined(Ad_in)) {}
 
-  // Fills every field of SwigluInputs.
+  void make_rank_major() {
+    Bg_t = rank_major_or_undefined(Bg);
+    Bu_t = rank_major_or_undefined(Bu);
+  }
+
+  // Fills every field of SwigluInputs (Bg_t / Bu_t null until make_rank_major).
   void fill(cuda::SwigluInputs& in, double scale, int64_t activation, double dropout_p,
             int64_t seed) const {
     in.G = G.const_data_ptr();
@@ -49,11 +55,13 @@ struct SwigluTensors {
     in.ids = ids.const_data_ptr<int32_t>();
     in.weights = weights.const_data_ptr();
     in.zg = data_or_null(zg);
+    in.Bg = data_or_null(Bg);
     in.Bg_t = data_or_null(Bg_t);
     in.zu = data_or_null(zu);
+    in.Bu = data_or_null(Bu);
     in.Bu_t = data_or_null(Bu_t);
     in.Ad = data_or_null(Ad);
-    in.T = T(), in.I = I(), in.E = num_experts(Bg_t, Bu_t, Ad), in.k = k();
+    in.T = T(), in.I = I(), in.E = num_experts(Bg, Bu, Ad), in.k = k();
     in.Rg = Rg(), in.Ru = Ru(), in.Rd = Rd();
     in.scale = scale;
     in.activation = static_cast<int>(activation);
@@ -65,11 +73,11 @@ struct SwigluTensors {
   int64_t T() const { return G.size(0); }
   int64_t I() const { return G.size(1); }
   int64_t k() const { return ids.size(1); }
-  int64_t Rg() const { return Bg_t.defined() ? Bg_t.size(1) : 0; }
-  int64_t Ru() const { return Bu_t.defined() ? Bu_t.size(1) : 0; }
+  int64_t Rg() const { return Bg.defined() ? Bg.size(2) : 0; }
+  int64_t Ru() const { return Bu.defined() ? Bu.size(2) : 0; }
   int64_t Rd() const { return Ad.defined() ? Ad.size(1) : 0; }
 
-  at::Tensor G, U, ids, weights, zg, Bg_t, zu, Bu_t, Ad;
+  at::Tensor G, U, ids, weights, zg, Bg, zu, Bu, Ad, Bg_t, Bu_t;
 };
 
 // An output of `sizes`, or shape [0] for the gradient of an absent optional input.
@@ -86,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> moe_swiglu_cuda(
   check_moe_swiglu(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in, activation,
                    dropout_p);
   const c10::cuda::CUDAGuard guard(G_in.device());
-  const SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
+  SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
   const int64_t T = in.T(), I = in.I(), k = in.k(), Rd = in.Rd();
   const auto acc_options = in.G.options().dtype(acc_type(in.G.scalar_type()));
   auto hbar = at::empty({T, I}, in.G.options());
@@ -95,6 +103,10 @@ std::tuple<at::Tensor, at::Tensor> moe_swiglu_cuda(
   in.fill(p, scale, activation, dropout_p, seed);
   p.hbar = hbar.data_ptr();
   p.zd = in.Ad.defined() ? zd.data_ptr() : nullptr;
+  if (cuda::moe_swiglu_needs_rank_major(p)) {
+    in.make_rank_major();
+    in.fill(p, scale, activation, dropout_p, seed);
+  }
   auto workspace = at::empty({cuda::moe_swiglu_workspace_elems(p)}, acc_options);
   p.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::launch_moe_swiglu(p, c10::cuda::getCurrentCUDAStream()));
@@ -116,7 +128,8 @@ moe_swiglu_backward_cuda(const at::Tensor& grad_hbar_in,
   check_moe_swiglu_backward(grad_hbar_in, grad_zd_in, G_in, U_in, ids_in, weights_in, zg_in, Bg_in,
                             zu_in, Bu_in, Ad_in, order_in, offsets_in, activation, dropout_p);
   const c10::cuda::CUDAGuard guard(G_in.device());
-  const SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
+  SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
+  in.make_rank_major();  // both backward passes read Bg / Bu rank-major
   const auto grad_hbar = grad_hbar_in.contiguous(), grad_zd = contiguous_or_undefined(grad_zd_in);
   const auto order = order_in.contiguous(), offsets = offsets_in.contiguous();
   const int64_t T = in.T(), I = in.I(), k = in.k(), Rg = in.Rg(), Ru = in.Ru(), Rd = in.Rd();
@@ -127,8 +140,8 @@ moe_swiglu_backward_cuda(const at::Tensor& grad_hbar_in,
   auto dweights = at::empty({T, k}, acc_options);
   auto dzg = empty_if(in.zg.defined(), {T, k, Rg}, acc_options);
   auto dzu = empty_if(in.zu.defined(), {T, k, Ru}, acc_options);
-  auto dBg = empty_if(in.Bg_t.defined(), {E, I, Rg}, options);
-  auto dBu = empty_if(in.Bu_t.defined(), {E, I, Ru}, options);
+  auto dBg = empty_if(in.Bg.defined(), {E, I, Rg}, options);
+  auto dBu = empty_if(in.Bu.defined(), {E, I, Ru}, options);
   auto dAd = empty_if(in.Ad.defined(), {E, Rd, I}, options);
   cuda::MoeSwigluBackwardParams p{};
   in.fill(p, scale, activation, dropout_p, seed);
@@ -141,8 +154,8 @@ moe_swiglu_backward_cuda(const at::Tensor& grad_hbar_in,
   p.dweights = dweights.data_ptr();
   p.dzg = in.zg.defined() ? dzg.data_ptr() : nullptr;
   p.dzu = in.zu.defined() ? dzu.data_ptr() : nullptr;
-  p.dBg = in.Bg_t.defined() ? dBg.data_ptr() : nullptr;
-  p.dBu = in.Bu_t.defined() ? dBu.data_ptr() : nullptr;
+  p.dBg = in.Bg.defined() ? dBg.data_ptr() : nullptr;
+  p.dBu = in.Bu.defined() ? dBu.data_ptr() : nullptr;
   p.dAd = in.Ad.defined() ? dAd.data_ptr() : nullptr;
   auto workspace = at::empty({cuda::moe_swiglu_backward_workspace_elems(p)}, acc_options);
   p.workspace = workspace.data_ptr();

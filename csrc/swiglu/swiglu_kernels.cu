@@ -905,7 +905,13 @@ cudaError_t launch_expert_pass(const MoeSwigluBackwardParams& p,
 
 }  // namespace
 
+bool moe_swiglu_needs_rank_major(const MoeSwigluParams& p) { return !mma_forward_supported(p); }
+
 int64_t moe_swiglu_workspace_elems(const MoeSwigluParams& p) {
+  if (mma_forward_supported(p)) {
+    const int64_t tiles = mma_forward_column_tiles(p.I);
+    return tiles > 1 ? p.T * p.k * p.Rd * tiles : 0;
+  }
   int64_t elems = 0;
   dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
@@ -931,6 +937,16 @@ int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p) {
 
 cudaError_t launch_moe_swiglu(const MoeSwigluParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
+  if (mma_forward_supported(p)) {
+    const TileSums<float> dst{
+        {{static_cast<float*>(p.zd), nullptr, nullptr}, {p.Rd, 0, 0}, {1, 0, 0}, p.Rd},
+        static_cast<float*>(p.workspace),
+        mma_forward_column_tiles(p.I),
+        p.T * p.k};
+    const cudaError_t err = launch_moe_swiglu_mma(p, dst.num_tiles > 1 ? dst.workspace : dst.sums.out[0], stream);
+    if (err != cudaSuccess) return err;
+    return launch_sum_tiles(dst, stream);
+  }
   return dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
     using acc_t = acc_of<scalar_t>;

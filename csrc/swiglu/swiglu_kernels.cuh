@@ -5,8 +5,10 @@
 // Legend: T tokens, I intermediate size, k slots, N = T*k pairs, q = t*k + j, E experts,
 // Rg / Ru / Rd the ranks of Bg / Bu / Ad (0 when that weight is absent). "acc" = double for
 // double activations, else float. key = dropout_key(seed, 2) (the down-LoRA input's stream).
-// The kernels take Bg and Bu rank-major, as Bg_t = Bg^T [E, Rg, I] (a copy the glue makes,
-// 2*E*I*R elements): a warp then reads consecutive columns, as it does for Ad.
+// The CUDA-core kernels take Bg and Bu rank-major, as Bg_t = Bg^T [E, Rg, I] (a copy the glue
+// makes, 2*E*I*R elements): a warp then reads consecutive columns, as it does for Ad. The
+// tensor-core forward (bfloat16, swiglu_mma_kernels.cu) reads Bg and Bu as they are, [E, I, R]:
+// that is the MMA's B-operand layout; the glue asks moe_swiglu_needs_rank_major first.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -24,9 +26,11 @@ struct SwigluInputs {
   const int32_t* ids;   // [T, k]
   const void* weights;  // [T, k] acc
   const void* zg;       // [T, k, Rg] acc, or null
-  const void* Bg_t;     // [E, Rg, I] dtype, or null
+  const void* Bg;       // [E, I, Rg] dtype, or null
+  const void* Bg_t;     // [E, Rg, I] dtype (Bg rank-major), or null when not needed
   const void* zu;       // [T, k, Ru] acc, or null
-  const void* Bu_t;     // [E, Ru, I] dtype, or null
+  const void* Bu;       // [E, I, Ru] dtype, or null
+  const void* Bu_t;     // [E, Ru, I] dtype (Bu rank-major), or null when not needed
   const void* Ad;       // [E, Rd, I] dtype, or null
   int64_t T, I, E, k, Rg, Ru, Rd;
   double scale;
@@ -43,6 +47,8 @@ struct MoeSwigluParams : SwigluInputs {
 };
 // acc elements of workspace the launch needs (0: none); call with every other field set.
 int64_t moe_swiglu_workspace_elems(const MoeSwigluParams& p);
+// Whether launch_moe_swiglu reads Bg_t / Bu_t (else only Bg / Bu); every other field set.
+bool moe_swiglu_needs_rank_major(const MoeSwigluParams& p);
 cudaError_t launch_moe_swiglu(const MoeSwigluParams& p, cudaStream_t stream);
 
 struct MoeSwigluBackwardParams : SwigluInputs {
@@ -62,6 +68,14 @@ struct MoeSwigluBackwardParams : SwigluInputs {
 };
 int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p);
 cudaError_t launch_moe_swiglu_backward(const MoeSwigluBackwardParams& p, cudaStream_t stream);
+
+// The tensor-core forward (swiglu_mma_kernels.cu), used by launch_moe_swiglu where
+// mma_forward_supported: hbar, and zd's per-column-tile partials in zd_tiles
+// [mma_forward_column_tiles(I), N, Rd] (acc; the caller adds the tiles in order; with one tile
+// zd_tiles may be zd itself).
+bool mma_forward_supported(const MoeSwigluParams& p);
+int64_t mma_forward_column_tiles(int64_t I);
+cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mixlora

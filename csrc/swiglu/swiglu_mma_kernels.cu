@@ -1,0 +1,443 @@
+// Tensor-core forward of the fused expert SwiGLU and combine for bfloat16 (docs/design.md,
+// "Fused expert SwiGLU"; bench/NOTES.md v3 has the why and the numbers).
+//
+// The CUDA-core kernel (swiglu_kernels.cu) spends ~11 instructions per (pair, column) on the
+// rank-r products. Here they are warp MMAs (mma.sync m16n8k16, bf16 in, fp32 accumulate):
+//   dg[pairs, cols] = Zg_masked [pairs, E x Rg] @ Bg^T      (Zg_masked: pair q's zg in the
+//   du likewise with Zu_masked and Bu                        columns of its own expert, else 0)
+//   zd_all[pairs, E x Rd] = drop(h) [pairs, cols] @ Ad^T     (pair q keeps its expert's Rd)
+// The block's pairs are ordered by expert (a counting sort in shared memory), so each warp's
+// 16 rows span few experts, and a warp skips the experts none of its rows uses. z and h are
+// fp32: z is split into bf16 hi + lo (16 bits; enough for g and u, which are rounded to bf16
+// in hbar), h into hi + mid + lo (24 bits, as fp32; zd is an fp32 output), and every term
+// goes through the MMA (the weights are bf16, exact in it).
+//
+// Block: 8 warps, 128 pair rows (kMmaRows / k whole tokens), kMmaBlockCols columns taken
+// kMmaStep at a time; warp w owns sorted rows 16w .. 16w + 15. Each step's weight tiles (Bg, Bu,
+// Ad of every expert on the step's columns) and G / U tiles are copied to shared memory with
+// cp.async one step ahead (two stages). Per step each warp computes its dg, du tile in MMA
+// accumulators, g, u, h in the accumulator layout (which is also the A layout of the zd MMA, so
+// h never leaves registers), w * h to shared memory for the combine over j (in j order, by the
+// whole block), and adds its zd MMA results to per-thread accumulators (each (pair, rank) owned
+// by one thread). zd's per-tile sums go to zd_tiles, added in tile order by the caller. Fixed
+// MMA and summation order: bitwise deterministic.
+#include <algorithm>
+#include <cassert>
+
+#include "swiglu/swiglu_kernels.cuh"
+#include "swiglu/swiglu_math.h"
+
+namespace mixlora {
+namespace cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kMmaWarps = 8;
+constexpr int kMmaThreads = kMmaWarps * kWarpSize;
+constexpr int kMmaRows = 16 * kMmaWarps;  // pair rows of a block
+constexpr int kMmaStep = 16;              // columns per step: 2 n-tiles of 8, one k-chunk of 16
+constexpr int kMmaBlockCols = 512;        // columns per block (zd has one partial per block)
+constexpr int kPad = 8;                   // bf16 padding of staged rows: conflict-free fragments
+constexpr int kColStride = kMmaStep + kPad;  // staged [.., step columns] row stride (bf16)
+constexpr int kWhStride = kMmaStep + 8;      // w * h row stride (floats): conflict-free float2
+constexpr int kMmaMaxRank = 64;
+constexpr int kMmaMaxExperts = 64;
+constexpr size_t kMmaMaxSmem = 104 * 1024;  // at least 2 blocks per SM (with the static part)
+
+// Two floats as a bf16 pair (a in the low half: the lower k or n index).
+__device__ __forceinline__ uint32_t pack_bf16x2(__nv_bfloat162 v) {
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// (a, b) = hi + lo with hi, lo bf16 pairs: hi the rounded values, lo the rounded remainders.
+__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  hi = pack_bf16x2(h);
+  lo = pack_bf16x2(__floats2bfloat162_rn(a - hf.x, b - hf.y));
+}
+
+// c += a @ b for one m16n8k16 tile (bf16 operands, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host only picks this path on sm_80 and newer (mma_forward_supported)
+#endif
+}
+
+// OR over the warp (a fixed butterfly).
+__device__ __forceinline__ unsigned warp_or(unsigned v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v |= __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// The h-side split: (a, b) = hi + mid + lo, three bf16 pairs (24 bits: fp32's precision).
+__device__ __forceinline__ void split3_bf16x2(float a, float b, uint32_t& hi, uint32_t& mid,
+                                              uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  const float2 hf = __bfloat1622float2(h);
+  split_bf16x2(a - hf.x, b - hf.y, mid, lo);
+  hi = pack_bf16x2(h);
+}
+
+// Shared-memory layout of a block (every offset 16-byte aligned). One stage holds a step's
+// Bg [E, kMmaStep, Rg + kPad], Bu [E, kMmaStep, Ru + kPad], Ad [E, Rd, kColStride] and
+// G, U [tokens, kColStride] tiles (bf16).
+struct MmaSmem {
+  int64_t wh, z, stage, stage_bytes;  // byte offsets / sizes
+  int64_t bg, bu, ad, g, u;           // element offsets inside a stage
+  int64_t total;
+
+  __host__ __device__ MmaSmem(int64_t E, int64_t Rg, int64_t Ru, int64_t Rd, int64_t tokens) {
+    wh = 0;
+    z = wh + int64_t(sizeof(float)) * kMmaRows * kWhStride;
+    stage = z + int64_t(sizeof(uint32_t)) * kMmaRows * (Rg + Ru);  // hi + lo: R words per row
+    bg = 0;
+    bu = bg + E * kMmaStep * (Rg > 0 ? Rg + kPad : 0);
+    ad = bu + E * kMmaStep * (Ru > 0 ? Ru + kPad : 0);
+    g = ad + E * Rd * kColStride;
+    u = g + tokens * kColStride;
+    stage_bytes = int64_t(sizeof(bf16)) * (u + tokens * kColStride);
+    total = stage + 2 * stage_bytes;
+  }
+};
+
+// A warp's view of its 16 MMA rows. The block's pairs are ordered by expert, so a warp's rows
+// span few experts and the masked MMAs skip the rest.
+struct WarpRows {
+  int row[2];     // this thread's fragment rows: 16 w + lane / 4, and + 8
+  int pair[2];    // the block pair at that row, -1 past the block's pairs
+  int expert[2];  // its expert, -1 past the block's pairs
+  uint64_t used;  // bit e: some row of the warp belongs to expert e
+};
+
+// acc[nt] += (Z_masked @ B^T) for the step's n-tiles: over the experts e the warp uses, the
+// rows of expert e times the staged B[e, step columns, :]^T. z is split into bf16 hi / lo
+// pairs by sorted row ([kMmaRows, R / 2] words each).
+__device__ __forceinline__ void lora_update(const WarpRows& w, const uint32_t* z_hi,
+                                            const uint32_t* z_lo, const bf16* B_s, int R,
+                                            float (&acc)[kMmaStep / 8][4]) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
+  const int row_words = R / 2, col_stride = R + kPad;
+  for (uint64_t left = w.used; left != 0; left &= left - 1) {
+    const int e = __ffsll(static_cast<long long>(left)) - 1;
+    const bf16* B_e = B_s + (e * kMmaStep + g) * col_stride;  // staged B[e, step column g, :]
+    for (int k0 = 0; k0 < R; k0 += 16) {
+      const int ka = k0 + 2 * c, kb = ka + 8;  // this thread's k (rank) pairs
+      uint32_t a_hi[4], a_lo[4];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // A regs: (row0, ka) (row1, ka) (row0, kb) (row1, kb)
+        const bool mine = w.expert[half] == e;
+        const int base = w.row[half] * row_words;
+        a_hi[half] = mine && ka < R ? z_hi[base + ka / 2] : 0u;
+        a_lo[half] = mine && ka < R ? z_lo[base + ka / 2] : 0u;
+        a_hi[2 + half] = mine && kb < R ? z_hi[base + kb / 2] : 0u;
+        a_lo[2 + half] = mine && kb < R ? z_lo[base + kb / 2] : 0u;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kMmaStep / 8; ++nt) {
+        const bf16* Bp = B_e + nt * 8 * col_stride;
+        const uint32_t b0 = ka < R ? *reinterpret_cast<const uint32_t*>(Bp + ka) : 0u;
+        const uint32_t b1 = kb < R ? *reinterpret_cast<const uint32_t*>(Bp + kb) : 0u;
+        mma_bf16(acc[nt], a_hi, b0, b1);
+        mma_bf16(acc[nt], a_lo, b0, b1);
+      }
+    }
+  }
+}
+
+// Issues the cp.async copies of step c0's tiles into one stage (columns past col_end, zeros).
+// Thread i copies chunk i % C of rows i / C, i / C + kMmaThreads / C, ... of each tile, C its
+// 16-byte chunks per row (a power of two dividing kMmaThreads): no division per step.
+__device__ __forceinline__ void stage_step(const MoeSwigluParams& p, const MmaSmem& L, bf16* st,
+                                           int64_t t0, int tokens, int64_t c0, int64_t col_end) {
+  constexpr int kChunks = kMmaStep / 8;  // 16-byte chunks of a step row of G, U, Ad
+  const int E = static_cast<int>(p.E);
+  for (int pass = 0; pass < 2; ++pass) {  // Bg, Bu: rows (e, step column) of R ranks, from [E, I, R]
+    const bf16* B = static_cast<const bf16*>(pass == 0 ? p.Bg : p.Bu);
+    const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
+    if (B == nullptr) continue;
+    bf16* dst = st + (pass == 0 ? L.bg : L.bu);
+    const int per_row = R / 8, chunk = threadIdx.x % per_row;
+    for (int row = threadIdx.x / per_row; row < E * kMmaStep; row += kMmaThreads / per_row) {
+      const int e = row / kMmaStep, col = row % kMmaStep;
+      const bool valid = c0 + col < col_end;
+      const bf16* src = B + (int64_t(e) * p.I + (valid ? c0 + col : 0)) * R + chunk * 8;
+      cp_async16_zfill(dst + row * (R + kPad) + chunk * 8, src, valid);
+    }
+  }
+  const int chunk = threadIdx.x % kChunks;
+  const bool chunk_valid = c0 + chunk * 8 < col_end;
+  const int64_t col = chunk_valid ? c0 + chunk * 8 : 0;
+  if (p.Ad != nullptr) {  // Ad: rows (e, r) of the step's columns, from [E, Rd, I]
+    const bf16* Ad = static_cast<const bf16*>(p.Ad) + col;
+    for (int row = threadIdx.x / kChunks; row < E * p.Rd; row += kMmaThreads / kChunks) {
+      cp_async16_zfill(st + L.ad + row * kColStride + chunk * 8, Ad + int64_t(row) * p.I, chunk_valid);
+    }
+  }
+  const bf16* G = static_cast<const bf16*>(p.G) + t0 * p.I + col;
+  const bf16* U = static_cast<const bf16*>(p.U) + t0 * p.I + col;
+  for (int row = threadIdx.x / kChunks; row < 2 * tokens; row += kMmaThreads / kChunks) {
+    const int t = row < tokens ? row : row - tokens;  // G rows, then U rows
+    cp_async16_zfill(st + (row < tokens ? L.g : L.u) + t * kColStride + chunk * 8,
+               (row < tokens ? G : U) + int64_t(t) * p.I, chunk_valid);
+  }
+}
+
+// RD8: rank blocks of 8 of Ad a thread accumulates zd for (Rd <= 8 * RD8).
+template <int RD8>
+__global__ void __launch_bounds__(kMmaThreads)
+    moe_swiglu_mma_kernel(MoeSwigluParams p, int64_t tokens_per_block, float* zd_tiles) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int32_t ids_s[kMmaRows];      // by block pair
+  __shared__ float weights_s[kMmaRows];    // by block pair
+  __shared__ int32_t perm_s[kMmaRows];     // sorted row -> block pair (-1 past the pairs)
+
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int g = lane / 4, c = lane % 4;
+  const int k = static_cast<int>(p.k);
+  const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
+  const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
+  const int rows = tokens * k;  // the block's pairs
+  const int64_t q0 = t0 * p.k;
+  const MmaSmem L(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block);
+  float* wh = reinterpret_cast<float*>(smem + L.wh);  // [kMmaRows, kWhStride]: w * h, by pair
+  uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);  // [kMmaRows, Rg / 2] (sorted rows)
+  uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
+  uint32_t* zu_hi = zg_lo + kMmaRows * (p.Rg / 2);            // [kMmaRows, Ru / 2]
+  uint32_t* zu_lo = zu_hi + kMmaRows * (p.Ru / 2);
+  bf16* stages[2] = {reinterpret_cast<bf16*>(smem + L.stage),
+                     reinterpret_cast<bf16*>(smem + L.stage + L.stage_bytes)};
+
+  const int64_t col_begin = int64_t(blockIdx.y) * kMmaBlockCols;
+  const int64_t col_end = min(p.I, col_begin + kMmaBlockCols);
+  stage_step(p, L, stages[0], t0, tokens, col_begin, col_end);  // step 0's tiles fly meanwhile
+  cp_async_commit();
+
+  const float* weights = static_cast<const float*>(p.weights);
+  for (int r = threadIdx.x; r < kMmaRows; r += kMmaThreads) {
+    ids_s[r] = r < rows ? p.ids[q0 + r] : -1;
+    weights_s[r] = r < rows ? weights[q0 + r] : 0.f;
+  }
+  __syncthreads();
+  // Stable counting sort of the block's pairs by expert: pair r goes to row
+  // #{i : e_i < e_r} + #{i < r : e_i == e_r}.
+  for (int r = threadIdx.x; r < kMmaRows; r += kMmaThreads) {
+    if (r < rows) {
+      const int e = ids_s[r];
+      int pos = 0;
+      for (int i = 0; i < rows; ++i) {
+        const int ei = ids_s[i];
+        pos += (ei < e) || (ei == e && i < r);
+      }
+      perm_s[pos] = r;
+    } else {
+      perm_s[r] = -1;
+    }
+  }
+  __syncthreads();
+  for (int pass = 0; pass < 2; ++pass) {  // zg, zu split into hi / lo by sorted row
+    const float* z = static_cast<const float*>(pass == 0 ? p.zg : p.zu);
+    const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
+    if ((pass == 0 ? p.Bg : p.Bu) == nullptr) continue;
+    uint32_t* hi = pass == 0 ? zg_hi : zu_hi;
+    uint32_t* lo = pass == 0 ? zg_lo : zu_lo;
+    for (int i = threadIdx.x; i < rows * (R / 2); i += kMmaThreads) {
+      const int row = i / (R / 2), kp = i % (R / 2);
+      const float* src = z + (q0 + perm_s[row]) * R + 2 * kp;
+      split_bf16x2(src[0], src[1], hi[i], lo[i]);
+    }
+  }
+
+  WarpRows w;
+  unsigned used_lo = 0, used_hi = 0;
+  int tok[2];            // the row's token in the block
+  int64_t drop_base[2];  // its dropout index base q * I
+  float w_row[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    w.row[half] = warp * 16 + g + 8 * half;
+    w.pair[half] = perm_s[w.row[half]];
+    const int pair = max(w.pair[half], 0);  // (rows past the pairs compute nothing)
+    const int e = w.pair[half] >= 0 ? ids_s[pair] : -1;
+    assert(e < p.E);
+    w.expert[half] = e;
+    if (e >= 0 && e < 32) used_lo |= 1u << e;
+    if (e >= 32) used_hi |= 1u << (e - 32);
+    tok[half] = pair / k;
+    drop_base[half] = (q0 + pair) * p.I;
+    w_row[half] = weights_s[pair];
+  }
+  w.used = (uint64_t(warp_or(used_hi)) << 32) | warp_or(used_lo);
+
+  const float s = static_cast<float>(p.scale);
+  const DropoutScale<float> drop(p.dropout_p, p.key);
+  bf16* hbar = static_cast<bf16*>(p.hbar);
+  float zacc[2][RD8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
+  int st = 0;
+  for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
+    if (c0 + kMmaStep < col_end) stage_step(p, L, stages[st ^ 1], t0, tokens, c0 + kMmaStep, col_end);
+    cp_async_commit();
+    cp_async_wait<1>();  // this step's tiles have landed (the next step's may fly)
+    __syncthreads();            // ... for every thread; and the z split is visible
+    const bf16* S = stages[st];
+
+    float dg[kMmaStep / 8][4] = {}, du[kMmaStep / 8][4] = {};
+    if (p.Bg != nullptr) lora_update(w, zg_hi, zg_lo, S + L.bg, static_cast<int>(p.Rg), dg);
+    if (p.Bu != nullptr) lora_update(w, zu_hi, zu_lo, S + L.bu, static_cast<int>(p.Ru), du);
+
+    // g, u, h at the accumulator positions (rows row[half], step columns 8 nt + 2 c + v);
+    // drop(h) straight into the zd MMA's A fragment (regs: (row0, k) (row1, k) (row0, k + 8)
+    // (row1, k + 8), k = 2 c: n-tile 0 is k 0..7, n-tile 1 is k 8..15).
+    uint32_t h_hi[4], h_mid[4], h_lo[4];
+#pragma unroll
+    for (int nt = 0; nt < kMmaStep / 8; ++nt) {
+      const int col = nt * 8 + 2 * c;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float h[2] = {0.f, 0.f}, hd[2] = {0.f, 0.f};
+        if (w.pair[half] >= 0 && c0 + col < col_end) {  // I % 8 == 0: col + 1 is inside too
+          const int at = tok[half] * kColStride + col;
+          const float2 Gv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.g + at));
+          const float2 Uv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.u + at));
+          const float Gs[2] = {Gv.x, Gv.y}, Us[2] = {Uv.x, Uv.y};
+#pragma unroll
+          for (int v = 0; v < 2; ++v) {
+            const float gv = p.Bg != nullptr ? Gs[v] + s * dg[nt][2 * half + v] : Gs[v];
+            const float uv = p.Bu != nullptr ? Us[v] + s * du[nt][2 * half + v] : Us[v];
+            h[v] = swiglu_point<float, float>(p.activation, s, gv, uv, nullptr, nullptr, 0, nullptr,
+                                              nullptr, 0).h;
+            hd[v] = drop.active ? drop.factor(drop_base[half] + c0 + col + v) * h[v] : h[v];
+          }
+          *reinterpret_cast<float2*>(wh + w.pair[half] * kWhStride + col) =
+              make_float2(w_row[half] * h[0], w_row[half] * h[1]);
+        }
+        split3_bf16x2(hd[0], hd[1], h_hi[nt * 2 + half], h_mid[nt * 2 + half], h_lo[nt * 2 + half]);
+      }
+    }
+
+    // zd: for each expert the warp uses, its Rd ranks (n-tiles of 8) over the step's columns.
+    if (p.Ad != nullptr) {
+      for (uint64_t left = w.used; left != 0; left &= left - 1) {
+        const int e = __ffsll(static_cast<long long>(left)) - 1;
+#pragma unroll
+        for (int rb = 0; rb < RD8; ++rb) {
+          if (rb * 8 >= p.Rd) break;
+          const int r = rb * 8 + g;  // this thread's B column (n): a rank of Ad
+          const bf16* Ad_row = S + L.ad + (e * static_cast<int>(p.Rd) + r) * kColStride + 2 * c;
+          const bool rank_ok = r < p.Rd;
+          const uint32_t b0 = rank_ok ? *reinterpret_cast<const uint32_t*>(Ad_row) : 0u;
+          const uint32_t b1 = rank_ok ? *reinterpret_cast<const uint32_t*>(Ad_row + 8) : 0u;
+          float cz[4] = {0.f, 0.f, 0.f, 0.f};
+          mma_bf16(cz, h_hi, b0, b1);
+          mma_bf16(cz, h_mid, b0, b1);
+          mma_bf16(cz, h_lo, b0, b1);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            if (w.expert[half] == e) {
+              zacc[half][rb][0] += cz[2 * half];
+              zacc[half][rb][1] += cz[2 * half + 1];
+            }
+          }
+        }
+      }
+    }
+
+    // hbar[t, step columns] = sum_j w * h over the token's pairs, j ascending; 8 per task.
+    __syncthreads();  // wh is complete (and this stage is no longer read: the next copy may reuse it)
+    for (int task = threadIdx.x; task < tokens * (kMmaStep / 8); task += kMmaThreads) {
+      const int t = task / (kMmaStep / 8), cg = (task % (kMmaStep / 8)) * 8;
+      if (c0 + cg >= col_end) continue;
+      float sum[8] = {};
+      for (int j = 0; j < k; ++j) {
+        const float* src = wh + (t * k + j) * kWhStride + cg;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) sum[v] += src[v];
+      }
+      store_acc<8>(hbar + (t0 + t) * p.I + c0 + cg, sum);
+    }
+    // (the next step's first barrier orders these reads of wh before its writes)
+  }
+
+  if (p.Ad != nullptr) {
+    const int64_t N = p.T * p.k;
+    float* dst = zd_tiles + int64_t(blockIdx.y) * N * p.Rd;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (w.pair[half] < 0) continue;
+      const int64_t q = q0 + w.pair[half];
+#pragma unroll
+      for (int rb = 0; rb < RD8; ++rb) {
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {
+          const int r = rb * 8 + 2 * c + v;
+          if (r < p.Rd) dst[q * p.Rd + r] = zacc[half][rb][v];
+        }
+      }
+    }
+  }
+}
+
+bool device_has_mma() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return false;
+  }
+  return major >= 8;
+}
+
+bool aligned_to_bytes(const void* ptr, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
+}
+
+}  // namespace
+
+bool mma_forward_supported(const MoeSwigluParams& p) {
+  if (p.dtype != DType::kBFloat16) return false;
+  if (p.E < 1 || p.E > kMmaMaxExperts || p.k < 1 || p.k > kMmaRows) return false;
+  if (p.I % 8 != 0) return false;  // whole 16-byte chunks of every staged row, hbar stores
+  if (std::max({p.Rg, p.Ru, p.Rd}) > kMmaMaxRank) return false;
+  // Bg / Bu rows of R ranks in R / 8 16-byte chunks, a power of two (stage_step).
+  for (const int64_t R : {p.Rg, p.Ru}) {
+    if (R % 8 != 0 || ((R / 8) & (R / 8 - 1)) != 0) return false;
+  }
+  const void* rows[] = {p.G, p.U, p.hbar, p.Bg, p.Bu, p.Ad};  // copied in 16-byte chunks
+  for (const void* ptr : rows) {
+    if (!aligned_to_bytes(ptr, 16)) return false;  // (null is aligned)
+  }
+  const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k);
+  if (static_cast<size_t>(layout.total) > kMmaMaxSmem) return false;  // many experts or ranks
+  return device_has_mma();
+}
+
+int64_t mma_forward_column_tiles(int64_t I) {
+  return std::max<int64_t>(1, (I + kMmaBlockCols - 1) / kMmaBlockCols);
+}
+
+cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cudaStream_t stream) {
+  const int64_t tokens_per_block = kMmaRows / p.k;
+  const dim3 grid(static_cast<unsigned>((p.T + tokens_per_block - 1) / tokens_per_block),
+                  static_cast<unsigned>(mma_forward_column_tiles(p.I)));
+  const size_t smem = static_cast<size_t>(MmaSmem(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block).total);
+  auto launch = [&](auto kernel) {
+    const cudaError_t err = allow_dynamic_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, zd_tiles);
+    MIXLORA_RETURN_IF_LAUNCH_FAILED();
+    return cudaSuccess;
+  };
+  if (p.Rd <= 16) return launch(moe_swiglu_mma_kernel<2>);
+  return launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8>);
+}
+
+}  // namespace cuda
+}  // namespace mixlora
