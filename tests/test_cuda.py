@@ -166,11 +166,12 @@ def test_bitwise_deterministic(name, variant, dtype):
 
 
 @pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
-def test_bitwise_deterministic_tensor_core_forward(variant):
-    """The bfloat16 forward at a shape the tensor-core kernel takes (I % 8 == 0, r = 16, E = 8),
-    over several column tiles and token groups."""
-    args = make_args("moe_swiglu", (4097, 8, 2, 16, 1544), torch.bfloat16, variant)
-    first, second = run_op("moe_swiglu", args), run_op("moe_swiglu", args)
+@pytest.mark.parametrize("name", TAKES_I)
+def test_bitwise_deterministic_tensor_cores(name, variant):
+    """The bfloat16 SwiGLU ops at a shape the tensor-core kernels take (I % 8 == 0, r = 16,
+    E = 8), over several column tiles (one of 8 columns) and token groups."""
+    args = make_args(name, (4097, 8, 2, 16, 1544), torch.bfloat16, variant)
+    first, second = run_op(name, args), run_op(name, args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

@@ -846,14 +846,22 @@ cudaError_t launch_token_pass(const MoeSwigluBackwardParams& p,
   using acc_t = acc_of<scalar_t>;
   const int V = backward_width<scalar_t>(p);
   const acc_t s = static_cast<acc_t>(p.scale);
+  const bool mma = mma_backward_supported(p);
   const TileSums<acc_t> dst{{{static_cast<acc_t*>(p.dweights), static_cast<acc_t*>(p.dzg),
                               static_cast<acc_t*>(p.dzu)},
                              {1, p.Rg, p.Ru},
                              {1, s, s},
                              1 + p.Rg + p.Ru},
                             static_cast<acc_t*>(p.workspace),
-                            num_column_tiles(p.I, V),
+                            mma ? mma_forward_column_tiles(p.I) : num_column_tiles(p.I, V),
                             p.T * p.k};
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (mma) {
+      const cudaError_t err = launch_moe_swiglu_bwd_mma(p, dst.workspace, dst.num_tiles, stream);
+      if (err != cudaSuccess) return err;
+      return launch_sum_tiles(dst, stream);
+    }
+  }
   const dim3 grid = token_grid(p.T, dst.num_tiles);
   const cudaError_t err = with_width<scalar_t>(V, [&](auto width) {
     const auto kernel = moe_swiglu_bwd_token_kernel<scalar_t, decltype(width)::value>;
@@ -927,7 +935,8 @@ int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p) {
   int64_t elems = 0;
   dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
-    const int64_t tiles = num_column_tiles(p.I, backward_width<scalar_t>(p));
+    const int64_t tiles = mma_backward_supported(p) ? mma_forward_column_tiles(p.I)
+                                                    : num_column_tiles(p.I, backward_width<scalar_t>(p));
     elems = tiles > 1 && p.T > 0 ? p.T * p.k * (1 + p.Rg + p.Ru) * tiles : 0;
     return cudaSuccess;
   });
