@@ -819,13 +819,23 @@ int backward_width(const MoeSwigluBackwardParams& p) {
 // Pair splits of the fast expert-major kernel: enough blocks to fill the device several
 // times over, from the shapes alone (so the summation order never depends on the device), and
 // no more than the pairs warrant (about a chunk per split and expert on average; few tokens
-// take one split and skip the partials' round trip through the workspace).
+// take one split and skip the partials' round trip through the workspace), with partials of
+// at most one [T, I] activation's bytes (so the workspace stays small next to what the layer
+// itself holds: at T = 512 four splits' partials were 67 MB, the dense MLP's whole peak 64 MiB).
 int64_t expert_splits(const MoeSwigluBackwardParams& p) {
   const int64_t E = std::max<int64_t>(p.E, 1);
   const int64_t blocks = ((p.I + kExpertCols - 1) / kExpertCols) * E;
   const int64_t fill = (2048 + blocks - 1) / blocks;
   const int64_t by_pairs = p.T * p.k / (E * kFastChunk);
-  return std::max<int64_t>(1, std::min({int64_t(kMaxSplits), fill, by_pairs}));
+  int64_t elem_bytes = 0;
+  dispatch_dtype(p.dtype, [&](auto zero) {
+    elem_bytes = sizeof(zero);
+    return cudaSuccess;
+  });
+  const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
+  const int64_t partial_bytes = E * (p.Rg + p.Ru + p.Rd) * p.I * acc_bytes;
+  const int64_t by_memory = partial_bytes > 0 ? p.T * p.I * elem_bytes / partial_bytes : 1;
+  return std::max<int64_t>(1, std::min({int64_t(kMaxSplits), fill, by_pairs, by_memory}));
 }
 
 bool fast_expert_pass(const MoeSwigluBackwardParams& p) {
@@ -853,7 +863,7 @@ cudaError_t launch_token_pass(const MoeSwigluBackwardParams& p,
                              {1, s, s},
                              1 + p.Rg + p.Ru},
                             static_cast<acc_t*>(p.workspace),
-                            mma ? mma_forward_column_tiles(p.I) : num_column_tiles(p.I, V),
+                            mma ? mma_column_tiles(p.T, p.k, p.I) : num_column_tiles(p.I, V),
                             p.T * p.k};
   if constexpr (std::is_same_v<acc_t, float>) {
     if (mma) {
@@ -917,7 +927,7 @@ bool moe_swiglu_needs_rank_major(const MoeSwigluParams& p) { return !mma_forward
 
 int64_t moe_swiglu_workspace_elems(const MoeSwigluParams& p) {
   if (mma_forward_supported(p)) {
-    const int64_t tiles = mma_forward_column_tiles(p.I);
+    const int64_t tiles = mma_column_tiles(p.T, p.k, p.I);
     return tiles > 1 ? p.T * p.k * p.Rd * tiles : 0;
   }
   int64_t elems = 0;
@@ -935,7 +945,7 @@ int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p) {
   int64_t elems = 0;
   dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
-    const int64_t tiles = mma_backward_supported(p) ? mma_forward_column_tiles(p.I)
+    const int64_t tiles = mma_backward_supported(p) ? mma_column_tiles(p.T, p.k, p.I)
                                                     : num_column_tiles(p.I, backward_width<scalar_t>(p));
     elems = tiles > 1 && p.T > 0 ? p.T * p.k * (1 + p.Rg + p.Ru) * tiles : 0;
     return cudaSuccess;
@@ -950,7 +960,7 @@ cudaError_t launch_moe_swiglu(const MoeSwigluParams& p, cudaStream_t stream) {
     const TileSums<float> dst{
         {{static_cast<float*>(p.zd), nullptr, nullptr}, {p.Rd, 0, 0}, {1, 0, 0}, p.Rd},
         static_cast<float*>(p.workspace),
-        mma_forward_column_tiles(p.I),
+        mma_column_tiles(p.T, p.k, p.I),
         p.T * p.k};
     const cudaError_t err = launch_moe_swiglu_mma(p, dst.num_tiles > 1 ? dst.workspace : dst.sums.out[0], stream);
     if (err != cudaSuccess) return err;

@@ -71,14 +71,14 @@ cudaError_t launch_moe_swiglu_backward(const MoeSwigluBackwardParams& p, cudaStr
 
 // The tensor-core forward (swiglu_mma_kernels.cu), used by launch_moe_swiglu where
 // mma_forward_supported: hbar, and zd's per-column-tile partials in zd_tiles
-// [mma_forward_column_tiles(I), N, Rd] (acc; the caller adds the tiles in order; with one tile
+// [mma_column_tiles(T, k, I), N, Rd] (acc; the caller adds the tiles in order; with one tile
 // zd_tiles may be zd itself).
 bool mma_forward_supported(const MoeSwigluParams& p);
-int64_t mma_forward_column_tiles(int64_t I);
+int64_t mma_column_tiles(int64_t T, int64_t k, int64_t I);
 cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cudaStream_t stream);
 // Backward pass 1 on tensor cores (the same conditions, for dG / dU / grad_hbar as for
 // hbar / G / U): dG, dU, and the per-pair sums (dweights, dzg / s, dzu / s) as partials
-// [num_tiles, N, 1 + Rg + Ru] in sums, num_tiles = mma_forward_column_tiles(I) (the caller
+// [num_tiles, N, 1 + Rg + Ru] in sums, num_tiles = mma_column_tiles(T, k, I) (the caller
 // adds them); with one tile, the outputs themselves (scaled).
 bool mma_backward_supported(const MoeSwigluBackwardParams& p);
 cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums,

@@ -12,7 +12,7 @@
 // in hbar), h into hi + mid + lo (24 bits, as fp32; zd is an fp32 output), and every term
 // goes through the MMA (the weights are bf16, exact in it).
 //
-// Block: 8 warps, 128 pair rows (kMmaRows / k whole tokens), kMmaBlockCols columns taken
+// Block: 8 warps, 128 pair rows (kMmaRows / k whole tokens), mma_block_cols columns taken
 // kMmaStep at a time; warp w owns sorted rows 16w .. 16w + 15. Each step's weight tiles (Bg, Bu,
 // Ad of every expert on the step's columns) and G / U tiles are copied to shared memory with
 // cp.async one step ahead (two stages). Per step each warp computes its dg, du tile in MMA
@@ -44,7 +44,12 @@ constexpr int kMmaWarps = 8;
 constexpr int kMmaThreads = kMmaWarps * kWarpSize;
 constexpr int kMmaRows = 16 * kMmaWarps;  // pair rows of a block
 constexpr int kMmaStep = 16;              // columns per step: 2 n-tiles of 8, one k-chunk of 16
-constexpr int kMmaBlockCols = 512;        // columns per block (zd has one partial per block)
+constexpr int kMmaBlockCols = 512;        // columns per block at most (one partial of the sums each)
+constexpr int kMmaMinBlocks = 264;        // blocks the column width is cut down to reach (few tokens)
+// Pairs below which the CUDA-core kernels are taken: with so few rows per block the masked MMAs,
+// the staging and the per-tile partials cost more than they save (H100, T = 8: 0.040 ms against
+// 0.015 ms for the forward, bench/NOTES.md).
+constexpr int64_t kMmaMinPairs = 8 * kMmaRows;
 constexpr int kPad = 8;                   // bf16 padding of staged rows: conflict-free fragments
 constexpr int kColStride = kMmaStep + kPad;  // staged [.., step columns] row stride (bf16)
 constexpr int kWhStride = kMmaStep + 8;      // w * h row stride (floats): conflict-free float2
@@ -351,7 +356,8 @@ __device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, 
 // RD8: rank blocks of 8 of Ad a thread accumulates zd for (Rd <= 8 * RD8).
 template <int RD8>
 __global__ void __launch_bounds__(kMmaThreads)
-    moe_swiglu_mma_kernel(MoeSwigluParams p, int64_t tokens_per_block, float* zd_tiles) {
+    moe_swiglu_mma_kernel(MoeSwigluParams p, int64_t tokens_per_block, int64_t block_cols,
+                          float* zd_tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int32_t ids_s[kMmaRows];      // by block pair
   __shared__ float weights_s[kMmaRows];    // by block pair
@@ -367,8 +373,8 @@ __global__ void __launch_bounds__(kMmaThreads)
                      reinterpret_cast<bf16*>(smem + L.stage + L.stage_bytes)};
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
-  const int64_t col_begin = int64_t(blockIdx.y) * kMmaBlockCols;
-  const int64_t col_end = min(p.I, col_begin + kMmaBlockCols);
+  const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
+  const int64_t col_end = min(p.I, col_begin + block_cols);
   stage_step(p, nullptr, L, stages[0], t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
   const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, zg_hi, zg_lo,
@@ -459,8 +465,8 @@ __global__ void __launch_bounds__(kMmaThreads)
 // outputs (scaled). R8: rank blocks of 8 per thread for dzg and dzu (Rg, Ru <= 8 * R8).
 template <int R8>
 __global__ void __launch_bounds__(kMmaThreads)
-    moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, int64_t tokens_per_block, float* sums,
-                              int64_t num_tiles) {
+    moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, int64_t tokens_per_block,
+                              int64_t block_cols, float* sums, int64_t num_tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int32_t ids_s[kMmaRows];
   __shared__ float weights_s[kMmaRows];
@@ -483,8 +489,8 @@ __global__ void __launch_bounds__(kMmaThreads)
   const bf16* grad_hbar = static_cast<const bf16*>(p.grad_hbar);
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
-  const int64_t col_begin = int64_t(blockIdx.y) * kMmaBlockCols;
-  const int64_t col_end = min(p.I, col_begin + kMmaBlockCols);
+  const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
+  const int64_t col_end = min(p.I, col_begin + block_cols);
   stage_step(p, grad_hbar, L, stages[0], t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
   const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, zg_hi, zg_lo,
@@ -650,6 +656,7 @@ bool aligned_to_bytes(const void* ptr, uintptr_t bytes) {
 bool mma_forward_supported(const MoeSwigluParams& p) {
   if (p.dtype != DType::kBFloat16) return false;
   if (p.E < 1 || p.E > kMmaMaxExperts || p.k < 1 || p.k > kMmaRows) return false;
+  if (p.T * p.k < kMmaMinPairs) return false;
   if (p.I % 8 != 0) return false;  // whole 16-byte chunks of every staged row, hbar stores
   if (std::max({p.Rg, p.Ru, p.Rd}) > kMmaMaxRank) return false;
   // Bg / Bu rows of R ranks in R / 8 16-byte chunks, a power of two (stage_step).
@@ -676,19 +683,35 @@ bool mma_backward_supported(const MoeSwigluBackwardParams& p) {
   return static_cast<size_t>(layout.total) <= kMmaMaxSmem;
 }
 
-int64_t mma_forward_column_tiles(int64_t I) {
-  return std::max<int64_t>(1, (I + kMmaBlockCols - 1) / kMmaBlockCols);
+namespace {
+
+// Columns per block: kMmaBlockCols, halved (down to one step) while the grid has fewer than
+// kMmaMinBlocks blocks, so that few tokens still spread over the device. Shapes only, never
+// the device: the partials' grouping, hence the bits, are the same everywhere.
+int64_t mma_block_cols(int64_t T, int64_t k, int64_t I) {
+  const int64_t token_groups = (T + kMmaRows / k - 1) / (kMmaRows / k);
+  int64_t cols = kMmaBlockCols;
+  while (cols > kMmaStep && token_groups * ((I + cols - 1) / cols) < kMmaMinBlocks) cols /= 2;
+  return cols;
+}
+
+}  // namespace
+
+int64_t mma_column_tiles(int64_t T, int64_t k, int64_t I) {
+  const int64_t cols = mma_block_cols(T, k, I);
+  return std::max<int64_t>(1, (I + cols - 1) / cols);
 }
 
 cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cudaStream_t stream) {
   const int64_t tokens_per_block = kMmaRows / p.k;
   const dim3 grid(static_cast<unsigned>((p.T + tokens_per_block - 1) / tokens_per_block),
-                  static_cast<unsigned>(mma_forward_column_tiles(p.I)));
+                  static_cast<unsigned>(mma_column_tiles(p.T, p.k, p.I)));
+  const int64_t block_cols = mma_block_cols(p.T, p.k, p.I);
   const size_t smem = static_cast<size_t>(MmaSmem(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, false).total);
   auto launch = [&](auto kernel) {
     const cudaError_t err = allow_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, zd_tiles);
+    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, block_cols, zd_tiles);
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
@@ -700,12 +723,13 @@ cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* s
                                       cudaStream_t stream) {
   const int64_t tokens_per_block = kMmaRows / p.k;
   const dim3 grid(static_cast<unsigned>((p.T + tokens_per_block - 1) / tokens_per_block),
-                  static_cast<unsigned>(mma_forward_column_tiles(p.I)));
+                  static_cast<unsigned>(mma_column_tiles(p.T, p.k, p.I)));
+  const int64_t block_cols = mma_block_cols(p.T, p.k, p.I);
   const size_t smem = static_cast<size_t>(MmaSmem(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, true).total);
   auto launch = [&](auto kernel) {
     const cudaError_t err = allow_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, sums, num_tiles);
+    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, block_cols, sums, num_tiles);
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
