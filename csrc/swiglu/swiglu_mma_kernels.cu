@@ -3,9 +3,10 @@
 //
 // The CUDA-core kernel (swiglu_kernels.cu) spends ~11 instructions per (pair, column) on the
 // rank-r products. Here they are warp MMAs (mma.sync m16n8k16, bf16 in, fp32 accumulate):
-//   dg[pairs, cols] = Zg_masked [pairs, E x Rg] @ Bg^T      (Zg_masked: pair q's zg in the
-//   du likewise with Zu_masked and Bu                        columns of its own expert, else 0)
-//   zd_all[pairs, E x Rd] = drop(h) [pairs, cols] @ Ad^T     (pair q keeps its expert's Rd)
+//   delta_g[pairs, cols] = Zg_masked [pairs, E x Rg] @ Bg^T  (Zg_masked: pair q's zg in the
+//   delta_u likewise with Zu_masked and Bu                    columns of its expert, else 0)
+//   zd_all[pairs, E x Rd] = drop(h) [pairs, cols] @ Ad^T      (pair q keeps its expert's Rd)
+// (g = G + s * delta_g, u = U + s * delta_u.)
 // The block's pairs are ordered by expert (a counting sort in shared memory), so each warp's
 // 16 rows span few experts, and a warp skips the experts none of its rows uses. z and h are
 // fp32: z is split into bf16 hi + lo (16 bits; enough for g and u, which are rounded to bf16
@@ -15,8 +16,8 @@
 // Block: 8 warps, 128 pair rows (kMmaRows / k whole tokens), mma_block_cols columns taken
 // kMmaStep at a time; warp w owns sorted rows 16w .. 16w + 15. Each step's weight tiles (Bg, Bu,
 // Ad of every expert on the step's columns) and G / U tiles are copied to shared memory with
-// cp.async one step ahead (two stages). Per step each warp computes its dg, du tile in MMA
-// accumulators, g, u, h in the accumulator layout (which is also the A layout of the zd MMA, so
+// cp.async one step ahead (two stages). Per step each warp computes its delta_g, delta_u tile
+// in MMA accumulators, g, u, h in the accumulator layout (which is also the A layout of the zd MMA, so
 // h never leaves registers), w * h to shared memory for the combine over j (in j order, by the
 // whole block), and adds its zd MMA results to per-thread accumulators (each (pair, rank) owned
 // by one thread). zd's per-tile sums go to zd_tiles, added in tile order by the caller. Fixed
@@ -392,9 +393,9 @@ __global__ void __launch_bounds__(kMmaThreads)
     __syncthreads();     // ... for every thread; and the block setup is visible
     const bf16* S = stages[st];
 
-    float dg[kMmaStep / 8][4] = {}, du[kMmaStep / 8][4] = {};
-    if (p.Bg != nullptr) lora_update(w, zg_hi, zg_lo, S + L.bg, static_cast<int>(p.Rg), dg);
-    if (p.Bu != nullptr) lora_update(w, zu_hi, zu_lo, S + L.bu, static_cast<int>(p.Ru), du);
+    float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {};  // delta_g, delta_u
+    if (p.Bg != nullptr) lora_update(w, zg_hi, zg_lo, S + L.bg, static_cast<int>(p.Rg), dgl);
+    if (p.Bu != nullptr) lora_update(w, zu_hi, zu_lo, S + L.bu, static_cast<int>(p.Ru), dul);
 
     // g, u, h at the accumulator positions (rows row[half], step columns 8 nt + 2 c + v);
     // drop(h) straight into the zd MMA's A fragment (regs: (row0, k) (row1, k) (row0, k + 8)
@@ -413,8 +414,8 @@ __global__ void __launch_bounds__(kMmaThreads)
           const float Gs[2] = {Gv.x, Gv.y}, Us[2] = {Uv.x, Uv.y};
 #pragma unroll
           for (int v = 0; v < 2; ++v) {
-            const float gv = p.Bg != nullptr ? Gs[v] + s * dg[nt][2 * half + v] : Gs[v];
-            const float uv = p.Bu != nullptr ? Us[v] + s * du[nt][2 * half + v] : Us[v];
+            const float gv = p.Bg != nullptr ? Gs[v] + s * dgl[nt][2 * half + v] : Gs[v];
+            const float uv = p.Bu != nullptr ? Us[v] + s * dul[nt][2 * half + v] : Us[v];
             h[v] = swiglu_point<float, float>(p.activation, s, gv, uv, nullptr, nullptr, 0, nullptr,
                                               nullptr, 0).h;
             hd[v] = drop.active ? drop.factor(b.drop_base[half] + c0 + col + v) * h[v] : h[v];
