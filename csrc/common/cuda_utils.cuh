@@ -173,6 +173,35 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Two floats as a bf16 pair (a in the low half: the lower k or n index).
+__device__ __forceinline__ uint32_t pack_bf16x2(__nv_bfloat162 v) {
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// c += a @ b for one m16n8k16 tile (bf16 operands, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();  // the hosts pick the tensor-core kernels on sm_80 and newer only
+#endif
+}
+
+// Whether the current device has the warp MMAs (mma.sync, bf16) and cp.async: sm_80 or newer.
+inline bool device_has_mma() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    return false;
+  }
+  return major >= 8;
+}
+
 // Calls f(scalar_t{}) with the C++ type of `dtype`.
 template <typename F>
 cudaError_t dispatch_dtype(DType dtype, F&& f) {

@@ -331,6 +331,7 @@ int64_t weight_grad_splits(const LoraWeightGradParams& p, int64_t acc_bytes) {
 
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
+  if (mma_shrink_supported(p)) return launch_lora_shrink_mma(p, stream);
   return dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
     const size_t smem = p.dropout_p > 0 ? sizeof(uint32_t) * ((p.D + kWarpSize - 1) / kWarpSize) : 0;

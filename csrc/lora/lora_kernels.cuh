@@ -27,6 +27,11 @@ struct LoraShrinkParams {
   DType dtype;
 };
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, cudaStream_t stream);
+// The tensor-core shrink (lora_mma_kernels.cu) that launch_lora_shrink takes where supported:
+// bf16, no dropout, T >= 256, R % 8 == 0, E * R <= 128, D % 8 == 0, 16-byte aligned x and A,
+// compute capability 8.0 or newer.
+bool mma_shrink_supported(const LoraShrinkParams& p);
+cudaError_t launch_lora_shrink_mma(const LoraShrinkParams& p, cudaStream_t stream);
 
 // y[t, d] = sum_j (coef[t, j] or 1) * keep/(1-p)(q, d) * sum_r B[ids[t, j], d, r] * z[t, j, r]
 struct LoraExpandParams {

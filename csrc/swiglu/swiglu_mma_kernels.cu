@@ -58,31 +58,12 @@ constexpr int kMmaMaxRank = 64;
 constexpr int kMmaMaxExperts = 64;
 constexpr size_t kMmaMaxSmem = 110 * 1024;  // 2 blocks per SM fit (with the static part)
 
-// Two floats as a bf16 pair (a in the low half: the lower k or n index).
-__device__ __forceinline__ uint32_t pack_bf16x2(__nv_bfloat162 v) {
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // (a, b) = hi + lo with hi, lo bf16 pairs: hi the rounded values, lo the rounded remainders.
 __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
   const float2 hf = __bfloat1622float2(h);
   hi = pack_bf16x2(h);
   lo = pack_bf16x2(__floats2bfloat162_rn(a - hf.x, b - hf.y));
-}
-
-// c += a @ b for one m16n8k16 tile (bf16 operands, fp32 accumulators).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();  // the host only picks this path on sm_80 and newer (mma_forward_supported)
-#endif
 }
 
 // OR over the warp (a fixed butterfly).
@@ -637,15 +618,6 @@ __global__ void __launch_bounds__(kMmaThreads)
       }
     }
   }
-}
-
-bool device_has_mma() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    return false;
-  }
-  return major >= 8;
 }
 
 bool aligned_to_bytes(const void* ptr, uintptr_t bytes) {
