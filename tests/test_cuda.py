@@ -51,7 +51,7 @@ CASES = [
     (4097, 64, 1, 1, 200),
 ]
 SPEC_CASES = [(7, 8, 2, 16, 4096), (7, 8, 2, 16, 11008)]  # D = H and D = I of the SPEC shape
-# (520, 4, 2, 8, 200): 1040 pairs, enough for the bf16 tensor-core SwiGLU kernels.
+# (520, 4, 2, 8, 200): 1040 pairs, enough for the bf16 tensor-core SwiGLU and shrink kernels.
 SMALL_CASES = [(7, 4, 2, 8, 200), (5, 4, 2, 8, 203), (520, 4, 2, 8, 200)]
 
 
