@@ -1,5 +1,5 @@
 // Tensor-core forward and backward pass 1 of the fused expert SwiGLU and combine for bfloat16
-// (docs/design.md, "Fused expert SwiGLU"; bench/NOTES.md v3 has the why and the numbers).
+// (docs/design.md, "Fused expert SwiGLU"; bench/NOTES.md v3 and v4 have the why and the numbers).
 //
 // The CUDA-core kernel (swiglu_kernels.cu) spends ~11 instructions per (pair, column) on the
 // rank-r products. Here they are warp MMAs (mma.sync m16n8k16, bf16 in, fp32 accumulate):
@@ -8,10 +8,13 @@
 //   zd_all[pairs, E x Rd] = drop(h) [pairs, cols] @ Ad^T      (pair q keeps its expert's Rd)
 // (g = G + s * delta_g, u = U + s * delta_u.)
 // The block's pairs are ordered by expert (a counting sort in shared memory), so each warp's
-// 16 rows span few experts, and a warp skips the experts none of its rows uses. z and h are
-// fp32: z is split into bf16 hi + lo (16 bits; enough for g and u, which are rounded to bf16
-// in hbar), h into hi + mid + lo (24 bits, as fp32; zd is an fp32 output), and every term
-// goes through the MMA (the weights are bf16, exact in it).
+// 16 rows span few experts (1.8 on average at E = 8, k = 2), and a warp skips the experts none
+// of its rows uses. z and h are fp32: z is split into bf16 hi + lo (16 bits; enough for g and
+// u, which are rounded to bf16 in hbar), h into hi + mid + lo (24 bits, as fp32; zd is an fp32
+// output), and every term goes through the MMA (the weights are bf16, exact in it). With ranks
+// up to 16 (R8 == 2) each thread holds its rows' z fragments in registers for the whole block.
+// B fragments come from the staged tiles through ldmatrix (.trans where the tile's rows are
+// the MMA's k). The SiLU is the fast one of swiglu_fast_math.cuh.
 //
 // Block: 8 warps, 128 pair rows (kMmaRows / k whole tokens), mma_block_cols columns taken
 // kMmaStep at a time; warp w owns sorted rows 16w .. 16w + 15. Each step's weight tiles (Bg, Bu,
@@ -20,18 +23,20 @@
 // in MMA accumulators, g, u, h in the accumulator layout (which is also the A layout of the zd MMA, so
 // h never leaves registers), w * h to shared memory for the combine over j (in j order, by the
 // whole block), and adds its zd MMA results to per-thread accumulators (each (pair, rank) owned
-// by one thread). zd's per-tile sums go to zd_tiles, added in tile order by the caller. Fixed
-// MMA and summation order: bitwise deterministic.
+// by one thread). One barrier per step: the row buffers alternate between even and odd steps,
+// and step s combines step s - 1's rows. zd's per-tile sums go to zd_tiles, added in tile order
+// by the caller. Fixed MMA and summation order: bitwise deterministic.
 //
 // The backward's first pass has the same blocks and steps. It recomputes the LoRA deltas of g
 // and u as above, adds ad_gz = grad_zd_masked [pairs, E x Rd] @ Ad (grad_zd in three terms), and
 // takes the per-pair sums dzg / s = dg [pairs, cols] @ Bg and dzu / s = du @ Bu as MMAs of the
 // gradients in the accumulator layout (three terms each). dG and dU go through shared memory
 // for the combine over j; dweights is summed by each thread over its columns, then over its
-// quad. The weight gradients (pass 2, expert-major) stay in swiglu_kernels.cu.
+// quad. The weight gradients (pass 2, expert-major) are in swiglu_wgrad_mma_kernels.cu.
 #include <algorithm>
 #include <cassert>
 
+#include "swiglu/swiglu_fast_math.cuh"
 #include "swiglu/swiglu_kernels.cuh"
 #include "swiglu/swiglu_math.h"
 
@@ -53,17 +58,20 @@ constexpr int kMmaMinBlocks = 264;        // blocks the column width is cut down
 constexpr int64_t kMmaMinPairs = 8 * kMmaRows;
 constexpr int kPad = 8;                   // bf16 padding of staged rows: conflict-free fragments
 constexpr int kColStride = kMmaStep + kPad;  // staged [.., step columns] row stride (bf16)
-constexpr int kWhStride = kMmaStep + 8;      // w * h row stride (floats): conflict-free float2
+constexpr int kWhStride = kMmaStep + 4;      // row buffer stride (floats): 8 consecutive rows'
+                                             // float2 in distinct banks, 16-byte aligned rows
 constexpr int kMmaMaxRank = 64;
 constexpr int kMmaMaxExperts = 64;
 constexpr size_t kMmaMaxSmem = 110 * 1024;  // 2 blocks per SM fit (with the static part)
 
-// (a, b) = hi + lo with hi, lo bf16 pairs: hi the rounded values, lo the rounded remainders.
-__device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  const float2 hf = __bfloat1622float2(h);
-  hi = pack_bf16x2(h);
-  lo = pack_bf16x2(__floats2bfloat162_rn(a - hf.x, b - hf.y));
+// threadIdx.x, read where it is used: asm volatile is not hoisted out of loops, so what
+// stage_step derives from it is recomputed each step (~15 instructions) instead of being kept
+// live across the column loop, where at 128 registers the backward spilled it and stalled on
+// the reloads (bench/NOTES.md v4).
+__device__ __forceinline__ int thread_index_here() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
 }
 
 // OR over the warp (a fixed butterfly).
@@ -73,18 +81,10 @@ __device__ __forceinline__ unsigned warp_or(unsigned v) {
   return v;
 }
 
-// The h-side split: (a, b) = hi + mid + lo, three bf16 pairs (24 bits: fp32's precision).
-__device__ __forceinline__ void split3_bf16x2(float a, float b, uint32_t& hi, uint32_t& mid,
-                                              uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  const float2 hf = __bfloat1622float2(h);
-  split_bf16x2(a - hf.x, b - hf.y, mid, lo);
-  hi = pack_bf16x2(h);
-}
-
 // Shared-memory layout of a block (every offset 16-byte aligned): fp32 row buffers
-// [kMmaRows, kWhStride] (the forward's w * h; the backward's dg and du), z (gate and up) split
-// into hi / lo words by sorted row, in the backward grad_zd split into hi / mid / lo words, and
+// [kMmaRows, kWhStride] for two steps (the forward's w * h; the backward's dg and du), z (gate
+// and up) split into hi / lo words by sorted row (only with ranks above 16: else z is held in
+// registers, RegFrags), in the backward grad_zd split into hi / mid / lo words, and
 // two stages, each holding a step's Bg [E, kMmaStep, Rg + kPad], Bu [E, kMmaStep, Ru + kPad],
 // Ad [E, Rd, kColStride] and G, U (and in the backward grad_hbar) [tokens, kColStride] (bf16).
 struct MmaSmem {
@@ -95,8 +95,9 @@ struct MmaSmem {
   __host__ __device__ MmaSmem(int64_t E, int64_t Rg, int64_t Ru, int64_t Rd, int64_t tokens,
                               bool backward) {
     rows = 0;
-    z = rows + int64_t(sizeof(float)) * kMmaRows * kWhStride * (backward ? 2 : 1);
-    gz = z + int64_t(sizeof(uint32_t)) * kMmaRows * (Rg + Ru);  // hi + lo: R words per row
+    const bool z_regs = (Rg > Ru ? Rg : Ru) <= 16 && Rd <= 16;  // the kernels' R8 == 2
+    z = rows + int64_t(sizeof(float)) * kMmaRows * kWhStride * (backward ? 4 : 2);
+    gz = z + (z_regs ? 0 : int64_t(sizeof(uint32_t)) * kMmaRows * (Rg + Ru));  // hi + lo words
     stage = gz + (backward ? int64_t(sizeof(uint32_t)) * kMmaRows * 3 * (Rd / 2) : 0);
     bg = 0;
     bu = bg + E * kMmaStep * (Rg > 0 ? Rg + kPad : 0);
@@ -116,128 +117,211 @@ struct WarpRows {
   int pair[2];    // the block pair at that row, -1 past the block's pairs
   int expert[2];  // its expert, -1 past the block's pairs
   uint64_t used;  // bit e: some row of the warp belongs to expert e
+  int e_first, e_last;  // the lowest and highest such e (rows are sorted: few in between)
 };
 
-// acc[nt] += (Z_masked @ B^T) for the step's n-tiles: over the experts e the warp uses, the
-// rows of expert e times the staged B[e, step columns, :]^T. z is split into bf16 hi / lo
-// pairs by sorted row ([kMmaRows, R / 2] words each).
-__device__ __forceinline__ void lora_update(const WarpRows& w, const uint32_t* z_hi,
-                                            const uint32_t* z_lo, const bf16* B_s, int R,
-                                            float (&acc)[kMmaStep / 8][4]) {
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
-  const int row_words = R / 2, col_stride = R + kPad;
-  for (uint64_t left = w.used; left != 0; left &= left - 1) {
-    const int e = __ffsll(static_cast<long long>(left)) - 1;
-    const bf16* B_e = B_s + (e * kMmaStep + g) * col_stride;  // staged B[e, step column g, :]
-    for (int k0 = 0; k0 < R; k0 += 16) {
-      const int ka = k0 + 2 * c, kb = ka + 8;  // this thread's k (rank) pairs
-      uint32_t a_hi[4], a_lo[4];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {  // A regs: (row0, ka) (row1, ka) (row0, kb) (row1, kb)
-        const bool mine = w.expert[half] == e;
-        const int base = w.row[half] * row_words;
-        a_hi[half] = mine && ka < R ? z_hi[base + ka / 2] : 0u;
-        a_lo[half] = mine && ka < R ? z_lo[base + ka / 2] : 0u;
-        a_hi[2 + half] = mine && kb < R ? z_hi[base + kb / 2] : 0u;
-        a_lo[2 + half] = mine && kb < R ? z_lo[base + kb / 2] : 0u;
-      }
-#pragma unroll
-      for (int nt = 0; nt < kMmaStep / 8; ++nt) {
-        const bf16* Bp = B_e + nt * 8 * col_stride;
-        const uint32_t b0 = ka < R ? *reinterpret_cast<const uint32_t*>(Bp + ka) : 0u;
-        const uint32_t b1 = kb < R ? *reinterpret_cast<const uint32_t*>(Bp + kb) : 0u;
-        mma_bf16(acc[nt], a_hi, b0, b1);
-        mma_bf16(acc[nt], a_lo, b0, b1);
-      }
-    }
+// Calls f(e) for each expert e some row of the warp belongs to, ascending. (A counted loop
+// over [e_first, e_last] with a bit test: cheaper than finding set bits of the 64-bit mask.)
+template <typename F>
+__device__ __forceinline__ void for_each_expert(const WarpRows& w, F&& f) {
+  for (int e = w.e_first; e <= w.e_last; ++e) {
+    if ((w.used >> e) & 1u) f(e);
   }
 }
 
-// Two bf16 of a staged tile, at p and p + stride, as one B-operand register (p's in the low half).
-__device__ __forceinline__ uint32_t gather_pair(const bf16* p, int stride) {
-  const uint32_t lo = *reinterpret_cast<const uint16_t*>(p);
-  const uint32_t hi = *reinterpret_cast<const uint16_t*>(p + stride);
-  return lo | (hi << 16);
+// The A fragments (k-chunk k0) of a warp's rows of some per-pair rank-R values split into TERMS
+// bf16 words, masked to the rows of expert e: regs (row0, k) (row1, k) (row0, k + 8)
+// (row1, k + 8) with k = k0 + 2 c, and zero past R. SmemFrags reads them from shared memory
+// each time (TERMS arrays [kMmaRows, R / 2] of words, by sorted row); RegFrags (z, R <= 16: one
+// k-chunk) splits them from global memory once per block and keeps them in registers: the
+// values do not change from step to step, and the per-step loads and their address math were
+// ~40% of the forward's instructions (bench/NOTES.md v4).
+template <int TERMS>
+struct SmemFrags {
+  static constexpr bool kOneChunk = false;
+  const uint32_t* words[TERMS];
+  int R;
+
+  __device__ __forceinline__ void operator()(const WarpRows& w, int e, int k0,
+                                             uint32_t (&a)[TERMS][4]) const {
+    const int ka = k0 + 2 * (threadIdx.x % 4), kb = ka + 8;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const bool mine = w.expert[half] == e;
+      const int base = w.row[half] * (R / 2);
+#pragma unroll
+      for (int t = 0; t < TERMS; ++t) {
+        a[t][half] = mine && ka < R ? words[t][base + ka / 2] : 0u;
+        a[t][2 + half] = mine && kb < R ? words[t][base + kb / 2] : 0u;
+      }
+    }
+  }
+};
+
+template <int TERMS>
+struct RegFrags {
+  static constexpr bool kOneChunk = true;  // R <= 16
+  uint32_t v[TERMS][4];  // unmasked; zero for rows past the block's pairs
+
+  // From z [N, R] fp32 in global memory (TERMS == 2: hi, lo), pair q0 + w.pair[half].
+  __device__ __forceinline__ RegFrags(const WarpRows& w, const float* z, int64_t q0, int R) {
+    static_assert(TERMS == 2, "z: hi + lo");
+    const int ka = 2 * (threadIdx.x % 4), kb = ka + 8;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      v[0][half] = v[1][half] = v[0][2 + half] = v[1][2 + half] = 0u;
+      if (w.pair[half] < 0 || z == nullptr) continue;
+      const float* row = z + (q0 + w.pair[half]) * R;
+      if (ka < R) split_bf16x2(row[ka], row[ka + 1], v[0][half], v[1][half]);
+      if (kb < R) split_bf16x2(row[kb], row[kb + 1], v[0][2 + half], v[1][2 + half]);
+    }
+  }
+
+  __device__ __forceinline__ void operator()(const WarpRows& w, int e, int /*k0: 0*/,
+                                             uint32_t (&a)[TERMS][4]) const {
+    const bool m0 = w.expert[0] == e, m1 = w.expert[1] == e;
+#pragma unroll
+    for (int t = 0; t < TERMS; ++t) {
+      a[t][0] = m0 ? v[t][0] : 0u;
+      a[t][1] = m1 ? v[t][1] : 0u;
+      a[t][2] = m0 ? v[t][2] : 0u;
+      a[t][3] = m1 ? v[t][3] : 0u;
+    }
+  }
+};
+
+// z's fragments: RegFrags from global memory when kRegs (ranks <= 16), else the shared-memory
+// reader of the words setup_block wrote.
+template <bool kRegs>
+__device__ __forceinline__ auto z_frags(const WarpRows& w, const float* z, int64_t q0,
+                                        const SmemFrags<2>& words) {
+  if constexpr (kRegs) {
+    return RegFrags<2>(w, z, q0, words.R);
+  } else {
+    return words;
+  }
+}
+
+// acc[nt] += sum over the TERMS of A_masked @ B for the step's n-tiles: over the experts e the
+// warp uses and the k-chunks k0 of R, frags(w, e, k0, a) the A fragments of the rows of expert
+// e and b_frag(e, k0, b) the B registers of expert e: b[2 nt] for k rows k0 + 0..7, b[2 nt + 1]
+// for k0 + 8..15 (zero past R).
+template <int TERMS, typename Frags, typename BFrag>
+__device__ __forceinline__ void masked_mma(const WarpRows& w, const Frags& frags, int R,
+                                           BFrag&& b_frag, float (&acc)[kMmaStep / 8][4]) {
+  for_each_expert(w, [&](int e) {
+    for (int k0 = 0; k0 < (Frags::kOneChunk ? 1 : R); k0 += 16) {
+      uint32_t a[TERMS][4], b[4];
+      frags(w, e, k0, a);
+      b_frag(e, k0, b);
+#pragma unroll
+      for (int nt = 0; nt < kMmaStep / 8; ++nt) {
+#pragma unroll
+        for (int t = 0; t < TERMS; ++t) mma_bf16(acc[nt], a[t], b[2 * nt], b[2 * nt + 1]);
+      }
+    }
+  });
+}
+
+// acc[nt] += (Z_masked @ B^T) for the step's n-tiles: the rows of each expert e times the
+// staged B[e, step columns, :]^T (z in hi / lo terms). B's rows are the n index (step column),
+// k (rank) contiguous: ldmatrix matrices (n 0-7, k0 0-7) (n 0-7, k0 8-15) (n 8-15, ..) (..).
+template <typename Frags>
+__device__ __forceinline__ void lora_update(const WarpRows& w, const Frags& z, const bf16* B_s, int R,
+                                            float (&acc)[kMmaStep / 8][4]) {
+  const int lane = threadIdx.x % kWarpSize, col_stride = R + kPad;
+  const bf16* lane_row = B_s + ((lane / 16) * 8 + lane % 8) * col_stride + (lane / 8 % 2) * 8;
+  masked_mma<2>(w, z, R, [&](int e, int k0, uint32_t (&b)[4]) {
+    ldmatrix_x4(b, lane_row + e * kMmaStep * col_stride + k0);
+    if (k0 + 8 >= R) b[1] = b[3] = 0u;  // (R = 8: k 8..15 is the rows' padding)
+  }, acc);
 }
 
 // The per-pair sums over the step's columns of A_cols [rows, 16 step columns] (three split
 // terms, in the accumulator = A layout) times a staged weight: for each expert e the warp uses
 // and each n-tile rb of 8 of its R ranks, sum_col A[row, col] * W(e, r, col), added into
-// acc[half][rb][v] (rank 8 rb + 2 c + v) where the row belongs to e. W(e, r, col) is at
-// W_s[e * e_stride + r * r_stride + col * col_stride].
-template <int R8>
+// acc[half][rb][v] (rank 8 rb + 2 c + v) where the row belongs to e. b_frag(e, rb, b) gives
+// the B registers of n-tiles rb (b[0], b[1]: k = step columns 0..7, 8..15) and rb + 1 (b[2],
+// b[3]).
+template <int R8, typename BFrag>
 __device__ __forceinline__ void pair_sums(const WarpRows& w, const uint32_t (&a_hi)[4],
                                           const uint32_t (&a_mid)[4], const uint32_t (&a_lo)[4],
-                                          const bf16* W_s, int R, int e_stride, int r_stride,
-                                          int col_stride, float (&acc)[2][R8][2]) {
-  const int lane = threadIdx.x % kWarpSize, g = lane / 4, c = lane % 4;
-  for (uint64_t left = w.used; left != 0; left &= left - 1) {
-    const int e = __ffsll(static_cast<long long>(left)) - 1;
+                                          int R, BFrag&& b_frag, float (&acc)[2][R8][2]) {
+  for_each_expert(w, [&](int e) {
 #pragma unroll
-    for (int rb = 0; rb < R8; ++rb) {
+    for (int rb = 0; rb < R8; rb += 2) {
       if (rb * 8 >= R) break;
-      const int r = rb * 8 + g;  // this thread's B column (n): a rank
-      const bf16* W_r = W_s + e * e_stride + r * r_stride + 2 * c * col_stride;  // k = 2 c
-      const bool rank_ok = r < R;
-      uint32_t b0 = 0u, b1 = 0u;
-      if (rank_ok) {
-        b0 = col_stride == 1 ? *reinterpret_cast<const uint32_t*>(W_r) : gather_pair(W_r, col_stride);
-        b1 = col_stride == 1 ? *reinterpret_cast<const uint32_t*>(W_r + 8)
-                             : gather_pair(W_r + 8 * col_stride, col_stride);
-      }
-      float cz[4] = {0.f, 0.f, 0.f, 0.f};
-      mma_bf16(cz, a_hi, b0, b1);
-      mma_bf16(cz, a_mid, b0, b1);
-      mma_bf16(cz, a_lo, b0, b1);
+      uint32_t b[4];
+      b_frag(e, rb, b);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        if (w.expert[half] == e) {
-          acc[half][rb][0] += cz[2 * half];
-          acc[half][rb][1] += cz[2 * half + 1];
+      for (int j = 0; j < 2; ++j) {
+        if ((rb + j) * 8 >= R) break;
+        float cz[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_bf16(cz, a_hi, b[2 * j], b[2 * j + 1]);
+        mma_bf16(cz, a_mid, b[2 * j], b[2 * j + 1]);
+        mma_bf16(cz, a_lo, b[2 * j], b[2 * j + 1]);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          if (w.expert[half] == e) {
+            acc[half][rb + j][0] += cz[2 * half];
+            acc[half][rb + j][1] += cz[2 * half + 1];
+          }
         }
       }
     }
-  }
+  });
 }
 
 // Issues the cp.async copies of step c0's tiles into one stage (columns past col_end, zeros).
 // Thread i copies chunk i % C of rows i / C, i / C + kMmaThreads / C, ... of each tile, C its
-// 16-byte chunks per row (a power of two dividing kMmaThreads): no division per step.
+// 16-byte chunks per row (a power of two dividing kMmaThreads). Offsets are 32-bit
+// (mma_forward_supported checks the sizes) and only c0 changes from step to step: ~40
+// instructions per thread and step instead of ~150 with 64-bit index math (bench/NOTES.md v4).
 // grad_hbar: null in the forward.
 __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* grad_hbar,
                                            const MmaSmem& L, bf16* st, int64_t t0, int tokens,
                                            int64_t c0, int64_t col_end) {
   constexpr int kChunks = kMmaStep / 8;  // 16-byte chunks of a step row of G, U, Ad
-  const int E = static_cast<int>(p.E);
+  const int tid = thread_index_here(), E = static_cast<int>(p.E), I = static_cast<int>(p.I);
+  const int cols_left = static_cast<int>(col_end - c0);
   for (int pass = 0; pass < 2; ++pass) {  // Bg, Bu: rows (e, step column) of R ranks, from [E, I, R]
     const bf16* B = static_cast<const bf16*>(pass == 0 ? p.Bg : p.Bu);
     const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
     if (B == nullptr) continue;
-    bf16* dst = st + (pass == 0 ? L.bg : L.bu);
-    const int per_row = R / 8, chunk = threadIdx.x % per_row;
-    for (int row = threadIdx.x / per_row; row < E * kMmaStep; row += kMmaThreads / per_row) {
-      const int e = row / kMmaStep, col = row % kMmaStep;
-      const bool valid = c0 + col < col_end;
-      const bf16* src = B + (int64_t(e) * p.I + (valid ? c0 + col : 0)) * R + chunk * 8;
-      cp_async16_zfill(dst + row * (R + kPad) + chunk * 8, src, valid);
+    const int shift = __ffs(R / 8) - 1;              // R / 8 chunks per row
+    const int row0 = tid >> shift, rows_step = kMmaThreads >> shift;  // a multiple of kMmaStep:
+    const int col = row0 % kMmaStep;                 // every row of the thread has this column
+    const bool valid = col < cols_left;
+    const int chunk8 = (tid & (R / 8 - 1)) * 8;
+    const bf16* src = B + (valid ? c0 * R + ((row0 / kMmaStep) * I + col) * R + chunk8 : 0);
+    const int src_step = valid ? (rows_step / kMmaStep) * I * R : 0;
+    bf16* dst = st + (pass == 0 ? L.bg : L.bu) + row0 * (R + kPad) + chunk8;
+    for (int row = row0; row < E * kMmaStep; row += rows_step) {
+      cp_async16_zfill(dst, src, valid);
+      src += src_step;
+      dst += rows_step * (R + kPad);
     }
   }
-  const int chunk = threadIdx.x % kChunks;
-  const bool chunk_valid = c0 + chunk * 8 < col_end;
-  const int64_t col = chunk_valid ? c0 + chunk * 8 : 0;
+  const int chunk8 = (tid % kChunks) * 8, row0 = tid / kChunks;
+  constexpr int kRowsStep = kMmaThreads / kChunks;
+  const bool valid = chunk8 < cols_left;
+  const int64_t col = valid ? c0 + chunk8 : 0;
   if (p.Ad != nullptr) {  // Ad: rows (e, r) of the step's columns, from [E, Rd, I]
-    const bf16* Ad = static_cast<const bf16*>(p.Ad) + col;
-    for (int row = threadIdx.x / kChunks; row < E * p.Rd; row += kMmaThreads / kChunks) {
-      cp_async16_zfill(st + L.ad + row * kColStride + chunk * 8, Ad + int64_t(row) * p.I, chunk_valid);
+    const bf16* src = static_cast<const bf16*>(p.Ad) + col + row0 * I;
+    bf16* dst = st + L.ad + row0 * kColStride + chunk8;
+    for (int row = row0; row < E * p.Rd; row += kRowsStep) {
+      cp_async16_zfill(dst, src, valid);
+      src += kRowsStep * I;
+      dst += kRowsStep * kColStride;
     }
   }
-  const bf16* srcs[3] = {static_cast<const bf16*>(p.G), static_cast<const bf16*>(p.U), grad_hbar};
-  const int64_t dsts[3] = {L.g, L.u, L.gh};
-  const int tiles = grad_hbar != nullptr ? 3 : 2;  // G rows, U rows (, grad_hbar rows)
-  for (int row = threadIdx.x / kChunks; row < tiles * tokens; row += kMmaThreads / kChunks) {
-    const int which = row / tokens, t = row % tokens;
-    cp_async16_zfill(st + dsts[which] + t * kColStride + chunk * 8,
-                     srcs[which] + (t0 + t) * p.I + col, chunk_valid);
+  // G, U (and grad_hbar) rows of the block's tokens.
+  const int64_t block_col = t0 * p.I + col;
+  for (int t = row0; t < tokens; t += kRowsStep) {
+    const int at = t * kColStride + chunk8, from = t * I;
+    cp_async16_zfill(st + L.g + at, static_cast<const bf16*>(p.G) + block_col + from, valid);
+    cp_async16_zfill(st + L.u + at, static_cast<const bf16*>(p.U) + block_col + from, valid);
+    if (grad_hbar != nullptr) cp_async16_zfill(st + L.gh + at, grad_hbar + block_col + from, valid);
   }
 }
 
@@ -255,8 +339,8 @@ struct BlockRows {
 
 __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t tokens_per_block,
                                                  int32_t* ids_s, float* weights_s, int32_t* perm_s,
-                                                 uint32_t* zg_hi, uint32_t* zg_lo, uint32_t* zu_hi,
-                                                 uint32_t* zu_lo) {
+                                                 bool z_smem, uint32_t* zg_hi, uint32_t* zg_lo,
+                                                 uint32_t* zu_hi, uint32_t* zu_lo) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4;
   const int k = static_cast<int>(p.k);
   BlockRows b;
@@ -286,7 +370,7 @@ __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t 
     }
   }
   __syncthreads();
-  for (int pass = 0; pass < 2; ++pass) {  // zg, zu split into hi / lo by sorted row
+  for (int pass = 0; pass < 2 && z_smem; ++pass) {  // zg, zu split into hi / lo by sorted row
     const float* z = static_cast<const float*>(pass == 0 ? p.zg : p.zu);
     const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
     if ((pass == 0 ? p.Bg : p.Bu) == nullptr) continue;
@@ -315,6 +399,8 @@ __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t 
     b.weight[half] = weights_s[pair];
   }
   b.w.used = (uint64_t(warp_or(used_hi)) << 32) | warp_or(used_lo);
+  b.w.e_first = b.w.used == 0 ? 0 : __ffsll(static_cast<long long>(b.w.used)) - 1;
+  b.w.e_last = b.w.used == 0 ? -1 : 63 - __clzll(static_cast<long long>(b.w.used));
   return b;
 }
 
@@ -335,8 +421,15 @@ __device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, 
   }
 }
 
-// RD8: rank blocks of 8 of Ad a thread accumulates zd for (Rd <= 8 * RD8).
-template <int RD8>
+// R8: ranks up to 8 * R8 (Rg, Ru, Rd); with R8 == 2 (ranks <= 16) z stays in registers
+// (RegFrags). ACT: kSilu or kAnyActivation (activation_at).
+//
+// One barrier per step: the step's tiles are waited for and the barrier passed before the next
+// step's copies are issued (into the stage every thread has finished reading), and w * h goes
+// to two row buffers in turn, so that step s combines the rows of step s - 1, complete at the
+// barrier, while the warps fill the other buffer (a second barrier per step stalled ~18% of
+// the time, bench/NOTES.md v4).
+template <int R8, int ACT>
 __global__ void __launch_bounds__(kMmaThreads)
     moe_swiglu_mma_kernel(MoeSwigluParams p, int64_t tokens_per_block, int64_t block_cols,
                           float* zd_tiles) {
@@ -346,37 +439,51 @@ __global__ void __launch_bounds__(kMmaThreads)
   __shared__ int32_t perm_s[kMmaRows];     // sorted row -> block pair (-1 past the pairs)
   const int lane = threadIdx.x % kWarpSize, c = lane % 4;
   const MmaSmem L(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, false);
-  float* wh = reinterpret_cast<float*>(smem + L.rows);  // [kMmaRows, kWhStride]: w * h, by pair
+  // Two row buffers [kMmaRows, kWhStride]: w * h by pair, of even and odd steps.
+  auto wh = [&](int st) { return reinterpret_cast<float*>(smem + L.rows) + st * kMmaRows * kWhStride; };
   uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);  // [kMmaRows, Rg / 2] (sorted rows)
   uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
   uint32_t* zu_hi = zg_lo + kMmaRows * (p.Rg / 2);            // [kMmaRows, Ru / 2]
   uint32_t* zu_lo = zu_hi + kMmaRows * (p.Ru / 2);
-  bf16* stages[2] = {reinterpret_cast<bf16*>(smem + L.stage),
-                     reinterpret_cast<bf16*>(smem + L.stage + L.stage_bytes)};
+  // Stage st at smem + L.stage + st * L.stage_bytes (arithmetic, not a pointer array: that
+  // would live in local memory and make every staged read a generic load).
+  auto stage = [&](int st) { return reinterpret_cast<bf16*>(smem + L.stage + st * L.stage_bytes); };
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
   const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
   const int64_t col_end = min(p.I, col_begin + block_cols);
-  stage_step(p, nullptr, L, stages[0], t0, tokens, col_begin, col_end);  // flies meanwhile
+  const int k = static_cast<int>(p.k);
+  stage_step(p, nullptr, L, stage(0), t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
-  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, zg_hi, zg_lo,
-                                  zu_hi, zu_lo);
+  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
+                                  zg_lo, zu_hi, zu_lo);
   const WarpRows& w = b.w;
+  if constexpr (R8 != 2) __syncthreads();  // the z words of every row
+  const auto zg = z_frags<R8 == 2>(w, static_cast<const float*>(p.zg), b.q0,
+                                   SmemFrags<2>{{zg_hi, zg_lo}, static_cast<int>(p.Rg)});
+  const auto zu = z_frags<R8 == 2>(w, static_cast<const float*>(p.zu), b.q0,
+                                   SmemFrags<2>{{zu_hi, zu_lo}, static_cast<int>(p.Ru)});
 
   const float s = static_cast<float>(p.scale);
   const DropoutScale<float> drop(p.dropout_p, p.key);
-  float zacc[2][RD8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
+  float zacc[2][R8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
-    if (c0 + kMmaStep < col_end) stage_step(p, nullptr, L, stages[st ^ 1], t0, tokens, c0 + kMmaStep, col_end);
-    cp_async_commit();
-    cp_async_wait<1>();  // this step's tiles have landed (the next step's may fly)
-    __syncthreads();     // ... for every thread; and the block setup is visible
-    const bf16* S = stages[st];
+    cp_async_wait<0>();  // this step's tiles have landed
+    __syncthreads();     // ... for every thread; every thread is done with step c0 - 16
+    if (c0 + kMmaStep < col_end) {
+      stage_step(p, nullptr, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
+      cp_async_commit();
+    }
+    if (c0 > col_begin) {  // step c0 - 16's rows are complete
+      combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
+    }
+    const bf16* S = stage(st);
+    float* wh_st = wh(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {};  // delta_g, delta_u
-    if (p.Bg != nullptr) lora_update(w, zg_hi, zg_lo, S + L.bg, static_cast<int>(p.Rg), dgl);
-    if (p.Bu != nullptr) lora_update(w, zu_hi, zu_lo, S + L.bu, static_cast<int>(p.Ru), dul);
+    if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
+    if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
 
     // g, u, h at the accumulator positions (rows row[half], step columns 8 nt + 2 c + v);
     // drop(h) straight into the zd MMA's A fragment (regs: (row0, k) (row1, k) (row0, k + 8)
@@ -397,25 +504,29 @@ __global__ void __launch_bounds__(kMmaThreads)
           for (int v = 0; v < 2; ++v) {
             const float gv = p.Bg != nullptr ? Gs[v] + s * dgl[nt][2 * half + v] : Gs[v];
             const float uv = p.Bu != nullptr ? Us[v] + s * dul[nt][2 * half + v] : Us[v];
-            h[v] = swiglu_point<float, float>(p.activation, s, gv, uv, nullptr, nullptr, 0, nullptr,
-                                              nullptr, 0).h;
+            h[v] = activation_at<ACT>(p.activation, gv).a * uv;
             hd[v] = drop.active ? drop.factor(b.drop_base[half] + c0 + col + v) * h[v] : h[v];
           }
-          *reinterpret_cast<float2*>(wh + w.pair[half] * kWhStride + col) =
+          *reinterpret_cast<float2*>(wh_st + w.pair[half] * kWhStride + col) =
               make_float2(b.weight[half] * h[0], b.weight[half] * h[1]);
         }
         split3_bf16x2(hd[0], hd[1], h_hi[nt * 2 + half], h_mid[nt * 2 + half], h_lo[nt * 2 + half]);
       }
     }
-    // zd: Ad [E, Rd, step columns] staged, ranks by r_stride kColStride, columns contiguous.
+    // zd: Ad [E, Rd, step columns] staged: rows (e, rank) = the n index, k (step column)
+    // contiguous; ldmatrix matrices (n 8 rb + 0..7, k 0-7) (.., k 8-15) (n 8 rb + 8..15, ..).
     if (p.Ad != nullptr) {
-      pair_sums<RD8>(w, h_hi, h_mid, h_lo, S + L.ad, static_cast<int>(p.Rd),
-                     static_cast<int>(p.Rd) * kColStride, kColStride, 1, zacc);
+      const int Rd = static_cast<int>(p.Rd);
+      pair_sums<R8>(w, h_hi, h_mid, h_lo, Rd, [&](int e, int rb, uint32_t (&bf)[4]) {
+        const int n = min(rb * 8 + (lane / 16) * 8 + lane % 8, Rd - 1);  // (ranks >= Rd unused)
+        ldmatrix_x4(bf, S + L.ad + (e * Rd + n) * kColStride + (lane / 8 % 2) * 8);
+      }, zacc);
     }
-
-    __syncthreads();  // wh is complete (and this stage is no longer read: the next copy may reuse it)
-    combine_pairs(wh, static_cast<bf16*>(p.hbar), p.I, t0, tokens, static_cast<int>(p.k), c0, col_end);
-    // (the next step's first barrier orders these reads of wh before its writes)
+  }
+  __syncthreads();  // the last step's rows
+  if (col_begin < col_end) {
+    const int64_t last = col_begin + (col_end - col_begin - 1) / kMmaStep * kMmaStep;
+    combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, last, col_end);
   }
 
   if (p.Ad != nullptr) {
@@ -426,7 +537,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       if (w.pair[half] < 0) continue;
       const int64_t q = b.q0 + w.pair[half];
 #pragma unroll
-      for (int rb = 0; rb < RD8; ++rb) {
+      for (int rb = 0; rb < R8; ++rb) {
 #pragma unroll
         for (int v = 0; v < 2; ++v) {
           const int r = rb * 8 + 2 * c + v;
@@ -444,9 +555,10 @@ __global__ void __launch_bounds__(kMmaThreads)
 // the block's columns: dweights (each thread its own, then its quad in a fixed butterfly) and
 // dzg / s, dzu / s (MMAs of dg, du, split into three terms, with the staged Bg, Bu). The sums
 // go to sums: [num_tiles, N, 1 + Rg + Ru] partials, or with one column tile straight to the
-// outputs (scaled). R8: rank blocks of 8 per thread for dzg and dzu (Rg, Ru <= 8 * R8).
-template <int R8>
-__global__ void __launch_bounds__(kMmaThreads)
+// outputs (scaled). R8: ranks up to 8 * R8 (Rg, Ru, Rd; rank blocks of 8 per thread for dzg
+// and dzu); with R8 == 2, z and grad_zd stay in registers (RegFrags). ACT: as in the forward.
+template <int R8, int ACT>
+__global__ void __launch_bounds__(kMmaThreads, 2)
     moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, int64_t tokens_per_block,
                               int64_t block_cols, float* sums, int64_t num_tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -457,8 +569,9 @@ __global__ void __launch_bounds__(kMmaThreads)
   const bool has_gzd = p.grad_zd != nullptr && p.Ad != nullptr;
   const int Rd = has_gzd ? static_cast<int>(p.Rd) : 0;
   const MmaSmem L(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, true);
-  float* dg_buf = reinterpret_cast<float*>(smem + L.rows);  // [kMmaRows, kWhStride], by pair
-  float* du_buf = dg_buf + kMmaRows * kWhStride;
+  // Row buffers [kMmaRows, kWhStride] by pair: dg and du of even and odd steps.
+  auto dg_buf = [&](int st) { return reinterpret_cast<float*>(smem + L.rows) + 2 * st * kMmaRows * kWhStride; };
+  auto du_buf = [&](int st) { return dg_buf(st) + kMmaRows * kWhStride; };
   uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);
   uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
   uint32_t* zu_hi = zg_lo + kMmaRows * (p.Rg / 2);
@@ -466,18 +579,20 @@ __global__ void __launch_bounds__(kMmaThreads)
   uint32_t* gz_hi = reinterpret_cast<uint32_t*>(smem + L.gz);  // [kMmaRows, Rd / 2] by sorted row
   uint32_t* gz_mid = gz_hi + kMmaRows * (p.Rd / 2);
   uint32_t* gz_lo = gz_mid + kMmaRows * (p.Rd / 2);
-  bf16* stages[2] = {reinterpret_cast<bf16*>(smem + L.stage),
-                     reinterpret_cast<bf16*>(smem + L.stage + L.stage_bytes)};
+  // Stage st at smem + L.stage + st * L.stage_bytes (arithmetic, not a pointer array: that
+  // would live in local memory and make every staged read a generic load).
+  auto stage = [&](int st) { return reinterpret_cast<bf16*>(smem + L.stage + st * L.stage_bytes); };
   const bf16* grad_hbar = static_cast<const bf16*>(p.grad_hbar);
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
   const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
   const int64_t col_end = min(p.I, col_begin + block_cols);
-  stage_step(p, grad_hbar, L, stages[0], t0, tokens, col_begin, col_end);  // flies meanwhile
+  stage_step(p, grad_hbar, L, stage(0), t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
-  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, zg_hi, zg_lo,
-                                  zu_hi, zu_lo);
+  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
+                                  zg_lo, zu_hi, zu_lo);
   const WarpRows& w = b.w;
+  const int k = static_cast<int>(p.k);
   if (has_gzd) {  // grad_zd split into hi / mid / lo by sorted row
     const float* gzd = static_cast<const float*>(p.grad_zd);
     for (int i = threadIdx.x; i < b.rows * (Rd / 2); i += kMmaThreads) {
@@ -486,6 +601,13 @@ __global__ void __launch_bounds__(kMmaThreads)
       split3_bf16x2(src[0], src[1], gz_hi[i], gz_mid[i], gz_lo[i]);
     }
   }
+  __syncthreads();  // the z and grad_zd words of every row
+  const auto zg = z_frags<R8 == 2>(w, static_cast<const float*>(p.zg), b.q0,
+                                   SmemFrags<2>{{zg_hi, zg_lo}, static_cast<int>(p.Rg)});
+  const auto zu = z_frags<R8 == 2>(w, static_cast<const float*>(p.zu), b.q0,
+                                   SmemFrags<2>{{zu_hi, zu_lo}, static_cast<int>(p.Ru)});
+  // (grad_zd's three terms stay in shared memory: in registers too, the kernel spilled.)
+  const SmemFrags<3> gz{{gz_hi, gz_mid, gz_lo}, Rd};
 
   const float s = static_cast<float>(p.scale);
   const DropoutScale<float> drop(p.dropout_p, p.key);
@@ -494,44 +616,34 @@ __global__ void __launch_bounds__(kMmaThreads)
   float zu_acc[2][R8][2] = {};
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
-    if (c0 + kMmaStep < col_end) stage_step(p, grad_hbar, L, stages[st ^ 1], t0, tokens, c0 + kMmaStep, col_end);
-    cp_async_commit();
-    cp_async_wait<1>();
+    // One barrier per step, as in the forward: dg and du rows of step c0 - 16 are combined
+    // while this step fills the other pair of row buffers.
+    cp_async_wait<0>();
     __syncthreads();
-    const bf16* S = stages[st];
+    if (c0 + kMmaStep < col_end) {
+      stage_step(p, grad_hbar, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
+      cp_async_commit();
+    }
+    if (c0 > col_begin) {
+      combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
+      combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
+    }
+    const bf16* S = stage(st);
+    float* dg_st = dg_buf(st);
+    float* du_st = du_buf(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {}, adz[kMmaStep / 8][4] = {};
-    if (p.Bg != nullptr) lora_update(w, zg_hi, zg_lo, S + L.bg, static_cast<int>(p.Rg), dgl);
-    if (p.Bu != nullptr) lora_update(w, zu_hi, zu_lo, S + L.bu, static_cast<int>(p.Ru), dul);
+    if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
+    if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
     if (has_gzd) {  // adz[row, col] = sum_r grad_zd[row, r] * Ad[e(row), r, col]
-      const int g = lane / 4;
-      for (uint64_t left = w.used; left != 0; left &= left - 1) {
-        const int e = __ffsll(static_cast<long long>(left)) - 1;
-        for (int k0 = 0; k0 < Rd; k0 += 16) {
-          const int ka = k0 + 2 * c, kb = ka + 8;
-          uint32_t a_hi[4], a_mid[4], a_lo[4];
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const bool mine = w.expert[half] == e;
-            const int base = w.row[half] * (Rd / 2);
-            a_hi[half] = mine && ka < Rd ? gz_hi[base + ka / 2] : 0u;
-            a_mid[half] = mine && ka < Rd ? gz_mid[base + ka / 2] : 0u;
-            a_lo[half] = mine && ka < Rd ? gz_lo[base + ka / 2] : 0u;
-            a_hi[2 + half] = mine && kb < Rd ? gz_hi[base + kb / 2] : 0u;
-            a_mid[2 + half] = mine && kb < Rd ? gz_mid[base + kb / 2] : 0u;
-            a_lo[2 + half] = mine && kb < Rd ? gz_lo[base + kb / 2] : 0u;
-          }
-#pragma unroll
-          for (int nt = 0; nt < kMmaStep / 8; ++nt) {
-            const bf16* A_col = S + L.ad + e * Rd * kColStride + nt * 8 + g;  // Ad[e, :, col]
-            const uint32_t b0 = ka < Rd ? gather_pair(A_col + ka * kColStride, kColStride) : 0u;
-            const uint32_t b1 = kb < Rd ? gather_pair(A_col + kb * kColStride, kColStride) : 0u;
-            mma_bf16(adz[nt], a_hi, b0, b1);
-            mma_bf16(adz[nt], a_mid, b0, b1);
-            mma_bf16(adz[nt], a_lo, b0, b1);
-          }
-        }
-      }
+      // Ad staged [E, Rd, step columns]: k (rank) rows, n (column) contiguous, so transposed
+      // ldmatrix: matrices (k0 + 0..7, n 0-7) (k0 + 8..15, n 0-7) (.., n 8-15) (..).
+      masked_mma<3>(w, gz, Rd, [&](int e, int k0, uint32_t (&bf)[4]) {
+        const int kr = min(k0 + (lane / 8 % 2) * 8 + lane % 8, Rd - 1);  // (zeroed below)
+        ldmatrix_x4_trans(bf, S + L.ad + (e * Rd + kr) * kColStride + (lane / 16) * 8);
+        if (k0 + 2 * c >= Rd) bf[0] = bf[2] = 0u;
+        if (k0 + 8 + 2 * c >= Rd) bf[1] = bf[3] = 0u;
+      }, adz);
     }
 
     // dh, dg, du at the accumulator positions; dg, du to the row buffers and, split, to the
@@ -553,36 +665,46 @@ __global__ void __launch_bounds__(kMmaThreads)
           for (int v = 0; v < 2; ++v) {
             const float gv = p.Bg != nullptr ? Gs[v] + s * dgl[nt][2 * half + v] : Gs[v];
             const float uv = p.Bu != nullptr ? Us[v] + s * dul[nt][2 * half + v] : Us[v];
-            const SwigluPoint<float> pt = swiglu_point<float, float>(p.activation, s, gv, uv, nullptr,
-                                                                     nullptr, 0, nullptr, nullptr, 0);
+            const ActValue<float> act = activation_at<ACT>(p.activation, gv);
             float dh = b.weight[half] * gh[v];
             if (has_gzd) {
               const float m = drop.active ? drop.factor(b.drop_base[half] + c0 + col + v) : 1.f;
               dh += m * adz[nt][2 * half + v];
             }
-            dw[half] += gh[v] * pt.h;
-            swiglu_point_grad(p.activation, pt, dh, &dgv[v], &duv[v]);
+            dw[half] += gh[v] * (act.a * uv);
+            dgv[v] = dh * uv * act.da;  // (swiglu_point_grad)
+            duv[v] = dh * act.a;
           }
-          *reinterpret_cast<float2*>(dg_buf + w.pair[half] * kWhStride + col) = make_float2(dgv[0], dgv[1]);
-          *reinterpret_cast<float2*>(du_buf + w.pair[half] * kWhStride + col) = make_float2(duv[0], duv[1]);
+          *reinterpret_cast<float2*>(dg_st + w.pair[half] * kWhStride + col) = make_float2(dgv[0], dgv[1]);
+          *reinterpret_cast<float2*>(du_st + w.pair[half] * kWhStride + col) = make_float2(duv[0], duv[1]);
         }
         split3_bf16x2(dgv[0], dgv[1], g_hi[nt * 2 + half], g_mid[nt * 2 + half], g_lo[nt * 2 + half]);
         split3_bf16x2(duv[0], duv[1], u_hi[nt * 2 + half], u_mid[nt * 2 + half], u_lo[nt * 2 + half]);
       }
     }
-    // dzg / s, dzu / s: Bg, Bu staged as [E, step columns, R + kPad] (ranks contiguous).
+    // dzg / s, dzu / s: Bg, Bu staged as [E, step columns, R + kPad]: k (column) rows, n (rank)
+    // contiguous, so transposed ldmatrix: matrices (k 0-7, n 8 rb + 0..7) (k 8-15, ..)
+    // (k 0-7, n 8 rb + 8..15) (..) (n past R reads the rows' padding: those sums are unused).
+    auto weight_frag = [&](const bf16* B_s, int R) {
+      return [=](int e, int rb, uint32_t (&bf)[4]) {
+        const int kc = (lane / 8 % 2) * 8 + lane % 8;
+        ldmatrix_x4_trans(bf, B_s + (e * kMmaStep + kc) * (R + kPad) + rb * 8 + (lane / 16) * 8);
+      };
+    };
     if (p.Bg != nullptr) {
       const int Rg = static_cast<int>(p.Rg);
-      pair_sums<R8>(w, g_hi, g_mid, g_lo, S + L.bg, Rg, kMmaStep * (Rg + kPad), 1, Rg + kPad, zg_acc);
+      pair_sums<R8>(w, g_hi, g_mid, g_lo, Rg, weight_frag(S + L.bg, Rg), zg_acc);
     }
     if (p.Bu != nullptr) {
       const int Ru = static_cast<int>(p.Ru);
-      pair_sums<R8>(w, u_hi, u_mid, u_lo, S + L.bu, Ru, kMmaStep * (Ru + kPad), 1, Ru + kPad, zu_acc);
+      pair_sums<R8>(w, u_hi, u_mid, u_lo, Ru, weight_frag(S + L.bu, Ru), zu_acc);
     }
-
-    __syncthreads();  // the row buffers are complete (and this stage is free for the next copy)
-    combine_pairs(dg_buf, static_cast<bf16*>(p.dG), p.I, t0, tokens, static_cast<int>(p.k), c0, col_end);
-    combine_pairs(du_buf, static_cast<bf16*>(p.dU), p.I, t0, tokens, static_cast<int>(p.k), c0, col_end);
+  }
+  __syncthreads();  // the last step's rows
+  if (col_begin < col_end) {
+    const int64_t last = col_begin + (col_end - col_begin - 1) / kMmaStep * kMmaStep;
+    combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, last, col_end);
+    combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, last, col_end);
   }
 
   // dweights: the quad's four lanes hold the row's column shares (fixed butterfly).
@@ -632,6 +754,9 @@ bool mma_forward_supported(const MoeSwigluParams& p) {
   if (p.T * p.k < kMmaMinPairs) return false;
   if (p.I % 8 != 0) return false;  // whole 16-byte chunks of every staged row, hbar stores
   if (std::max({p.Rg, p.Ru, p.Rd}) > kMmaMaxRank) return false;
+  // stage_step's 32-bit offsets: a block's G / U rows, an expert's weights (and all of them).
+  constexpr int64_t kMaxOffset = int64_t(1) << 31;
+  if (kMmaRows * p.I >= kMaxOffset || p.E * p.I * std::max({p.Rg, p.Ru, p.Rd}) >= kMaxOffset) return false;
   // Bg / Bu rows of R ranks in R / 8 16-byte chunks, a power of two (stage_step).
   for (const int64_t R : {p.Rg, p.Ru}) {
     if (R % 8 != 0 || ((R / 8) & (R / 8 - 1)) != 0) return false;
@@ -688,8 +813,13 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
-  if (p.Rd <= 16) return launch(moe_swiglu_mma_kernel<2>);
-  return launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8>);
+  const bool small = std::max({p.Rg, p.Ru, p.Rd}) <= 16;
+  if (p.activation == kSilu) {
+    return small ? launch(moe_swiglu_mma_kernel<2, kSilu>)
+                 : launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8, kSilu>);
+  }
+  return small ? launch(moe_swiglu_mma_kernel<2, kAnyActivation>)
+               : launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8, kAnyActivation>);
 }
 
 cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums, int64_t num_tiles,
@@ -706,8 +836,13 @@ cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* s
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
-  if (std::max(p.Rg, p.Ru) <= 16) return launch(moe_swiglu_bwd_mma_kernel<2>);
-  return launch(moe_swiglu_bwd_mma_kernel<kMmaMaxRank / 8>);
+  const bool small = std::max({p.Rg, p.Ru, p.Rd}) <= 16;
+  if (p.activation == kSilu) {
+    return small ? launch(moe_swiglu_bwd_mma_kernel<2, kSilu>)
+                 : launch(moe_swiglu_bwd_mma_kernel<kMmaMaxRank / 8, kSilu>);
+  }
+  return small ? launch(moe_swiglu_bwd_mma_kernel<2, kAnyActivation>)
+               : launch(moe_swiglu_bwd_mma_kernel<kMmaMaxRank / 8, kAnyActivation>);
 }
 
 }  // namespace cuda
