@@ -19,6 +19,7 @@ SWIGLU_VARIANTS = (
     (False, False, False, 3, 0.0, False),
     (True, True, False, 0, 0.0, False),
     (True, False, True, 0, 0.0, True),
+    (True, True, True, 0, DROPOUT_P, True),  # SiLU with dropout: the usual training setup
 )
 
 # op name -> (number of variants, takes a floating input whose dtype the test chooses)

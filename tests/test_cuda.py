@@ -46,6 +46,7 @@ CASES = [
     (7, 64, 4, 16, 203),
     (1000, 8, 2, 16, 200),
     (1000, 16, 4, 64, 1000),
+    (1000, 16, 2, 16, 1000),  # E = 16, r = 16: the tensor-core SwiGLU forward (bf16)
     (33, 4, 4, 8, 2051),
     (4097, 8, 2, 16, 1000),
     (4097, 64, 1, 1, 200),
@@ -175,6 +176,16 @@ def test_bitwise_deterministic_tensor_cores(name, variant):
     first, second = run_op(name, args), run_op(name, args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
+@pytest.mark.parametrize("case", [(1000, 8, 2, 32, 1000), (600, 4, 2, 24, 1032), (300, 4, 2, 5, 520)],
+                         ids=case_id)
+def test_swiglu_backward_tensor_core_ranks(case, variant):
+    """The bfloat16 tensor-core weight gradients (swiglu_wgrad_mma_kernels.cu) at ranks other
+    than 16: 32 (two k-steps), 24 and 5 (zero-padded to the MMA's 16 or 32)."""
+    assert_accurate("moe_swiglu_backward",
+                    make_args("moe_swiglu_backward", case, torch.bfloat16, variant))
 
 
 # --- routing extremes ----------------------------------------------------------------------

@@ -197,25 +197,30 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 // fragment word of matrix m (row lane / 4, columns 2 (lane % 4), + 1). The .trans form
 // transposes each matrix (r[m]: rows 2 (lane % 4), + 1 of column lane / 4): a B operand whose
 // k rows are stored n-contiguous.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+// (smem_addr: a shared-memory address, as __cvta_generic_to_shared gives.)
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned smem_addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(smem_addr));
 #else
   __trap();
 #endif
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], unsigned smem_addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(smem_addr));
 #else
   __trap();
 #endif
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  ldmatrix_x4(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  ldmatrix_x4_trans(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
 }
 
 // Whether the current device has the warp MMAs (mma.sync, bf16) and cp.async: sm_80 or newer.

@@ -129,7 +129,6 @@ moe_swiglu_backward_cuda(const at::Tensor& grad_hbar_in,
                             zu_in, Bu_in, Ad_in, order_in, offsets_in, activation, dropout_p);
   const c10::cuda::CUDAGuard guard(G_in.device());
   SwigluTensors in(G_in, U_in, ids_in, weights_in, zg_in, Bg_in, zu_in, Bu_in, Ad_in);
-  in.make_rank_major();  // both backward passes read Bg / Bu rank-major
   const auto grad_hbar = grad_hbar_in.contiguous(), grad_zd = contiguous_or_undefined(grad_zd_in);
   const auto order = order_in.contiguous(), offsets = offsets_in.contiguous();
   const int64_t T = in.T(), I = in.I(), k = in.k(), Rg = in.Rg(), Ru = in.Ru(), Rd = in.Rd();
@@ -157,6 +156,11 @@ moe_swiglu_backward_cuda(const at::Tensor& grad_hbar_in,
   p.dBg = in.Bg.defined() ? dBg.data_ptr() : nullptr;
   p.dBu = in.Bu.defined() ? dBu.data_ptr() : nullptr;
   p.dAd = in.Ad.defined() ? dAd.data_ptr() : nullptr;
+  if (cuda::moe_swiglu_backward_needs_rank_major(p)) {  // the CUDA-core passes
+    in.make_rank_major();
+    p.Bg_t = data_or_null(in.Bg_t);
+    p.Bu_t = data_or_null(in.Bu_t);
+  }
   auto workspace = at::empty({cuda::moe_swiglu_backward_workspace_elems(p)}, acc_options);
   p.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(cuda::launch_moe_swiglu_backward(p, c10::cuda::getCurrentCUDAStream()));

@@ -17,11 +17,13 @@
 // recomputing what it needs (the chunks double-buffered through cp.async): one sequential sum
 // per element and split; the splits (a fixed number that depends on the shapes only) are added
 // in split order. Larger ranks take a general kernel (rank tiles of kExpertRanks, one pass over
-// all of e's pairs).
+// all of e's pairs). bfloat16 on sm_80+ takes the tensor-core version where it can
+// (wgrad_mma_supported, swiglu_wgrad_mma_kernels.cu).
 #include <algorithm>
 #include <cassert>
 #include <initializer_list>
 
+#include "swiglu/swiglu_fast_math.cuh"
 #include "swiglu/swiglu_kernels.cuh"
 #include "swiglu/swiglu_math.h"
 
@@ -548,8 +550,9 @@ __global__ void __launch_bounds__(kExpertCols)
 // scattered token rows mostly from DRAM, was the kernel's largest stall).
 // The split takes pairs [b + n * split / splits, b + n * (split + 1) / splits) of e's n pairs
 // starting at b. One split writes the outputs; several write [splits, E, Rg + Ru + Rd, I] acc
-// partials to the workspace for sum_splits_kernel.
-template <typename scalar_t>
+// partials to the workspace for sum_splits_kernel. ACT: kSilu (the fast SiLU, 16-bit types) or
+// kAnyActivation (swiglu_fast_math.cuh).
+template <typename scalar_t, int ACT>
 __global__ void __launch_bounds__(kExpertCols, sizeof(scalar_t) == 8 ? 1 : 3)
     moe_swiglu_bwd_expert_fast_kernel(MoeSwigluBackwardParams p,
                                       SwigluWeights<scalar_t> weights_lora, int64_t splits) {
@@ -686,14 +689,14 @@ __global__ void __launch_bounds__(kExpertCols, sizeof(scalar_t) == 8 ? 1 : 3)
       }
       const acc_t g = has_g ? to_acc(G_s[col]) + s * lg : to_acc(G_s[col]);
       const acc_t u = has_u ? to_acc(U_s[col]) + s * lu : to_acc(U_s[col]);
-      const SwigluPoint<acc_t> pt =
-          swiglu_point<acc_t, acc_t>(weights_lora.act, s, g, u, nullptr, nullptr, 0, nullptr, nullptr, 0);
+      const ActValue<acc_t> act = activation_at<ACT>(weights_lora.act, g);
       const acc_t m = drop.active ? drop.factor(q * p.I + i) : acc_t(1);
       acc_t dh = pair_w[c] * to_acc(gh_s[col]);
       if (has_gzd) dh += m * ag;
-      PairGrad out;
-      swiglu_point_grad(p.activation, pt, dh, &out.dg, &out.du);
-      out.mh = m * pt.h;
+      PairGrad out;  // (swiglu_point, swiglu_point_grad)
+      out.dg = dh * u * act.da;
+      out.du = dh * act.a;
+      out.mh = m * (act.a * u);
       return out;
     };
     auto accumulate = [&](int64_t c, const PairGrad& pg) {
@@ -883,6 +886,16 @@ cudaError_t launch_token_pass(const MoeSwigluBackwardParams& p,
   return launch_sum_tiles(dst, stream);
 }
 
+// dBg, dBu, dAd from the pair splits' partials in the workspace (sum_splits_kernel).
+template <typename scalar_t>
+cudaError_t launch_sum_splits(const MoeSwigluBackwardParams& p, int64_t splits, cudaStream_t stream) {
+  const int64_t count = p.E * (p.Rg + p.Ru + p.Rd) * p.I;
+  const int64_t blocks = std::min<int64_t>((count + kSumThreads - 1) / kSumThreads, 65536);
+  sum_splits_kernel<scalar_t><<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(p, splits);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
 // Backward pass 2 (expert-major): every element of dBg, dBu, dAd, zeros for empty experts.
 template <typename scalar_t>
 cudaError_t launch_expert_pass(const MoeSwigluBackwardParams& p,
@@ -891,23 +904,31 @@ cudaError_t launch_expert_pass(const MoeSwigluBackwardParams& p,
   const int64_t Rz = p.grad_zd != nullptr ? p.Rd : 0;
   const int64_t max_rank = std::max({p.Rg, p.Ru, p.Rd});
   if (p.E == 0 || max_rank == 0 || p.I == 0) return cudaSuccess;  // no weight grad to write
+  if constexpr (std::is_same_v<scalar_t, __nv_bfloat16>) {
+    if (wgrad_mma_supported(p)) {  // tensor cores (swiglu_wgrad_mma_kernels.cu)
+      const int64_t splits = wgrad_mma_splits(p);
+      const cudaError_t err = launch_moe_swiglu_wgrad_mma(p, splits, stream);
+      if (err != cudaSuccess || splits == 1) return err;
+      return launch_sum_splits<scalar_t>(p, splits, stream);
+    }
+  }
   const unsigned col_tiles = static_cast<unsigned>((p.I + kExpertCols - 1) / kExpertCols);
   if (fast_expert_pass(p)) {
     const int64_t splits = expert_splits(p);
     const size_t smem = 2 * (sizeof(acc_t) * 3 * kFastChunk * kFastRanks +
                              sizeof(scalar_t) * 3 * kFastChunk * kExpertCols);
-    const auto kernel = moe_swiglu_bwd_expert_fast_kernel<scalar_t>;
-    const cudaError_t attr = allow_dynamic_smem(kernel, smem);
-    if (attr != cudaSuccess) return attr;
     const dim3 grid(col_tiles, static_cast<unsigned>(p.E), static_cast<unsigned>(splits));
-    kernel<<<grid, kExpertCols, smem, stream>>>(p, weights_lora, splits);
-    MIXLORA_RETURN_IF_LAUNCH_FAILED();
-    if (splits == 1) return cudaSuccess;
-    const int64_t count = p.E * (p.Rg + p.Ru + p.Rd) * p.I;
-    const int64_t blocks = std::min<int64_t>((count + kSumThreads - 1) / kSumThreads, 65536);
-    sum_splits_kernel<scalar_t><<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(p, splits);
-    MIXLORA_RETURN_IF_LAUNCH_FAILED();
-    return cudaSuccess;
+    const cudaError_t err = [&](auto kernel) {
+      const cudaError_t attr = allow_dynamic_smem(kernel, smem);
+      if (attr != cudaSuccess) return attr;
+      kernel<<<grid, kExpertCols, smem, stream>>>(p, weights_lora, splits);
+      MIXLORA_RETURN_IF_LAUNCH_FAILED();
+      return cudaSuccess;
+    }(sizeof(scalar_t) == 2 && p.activation == kSilu
+          ? moe_swiglu_bwd_expert_fast_kernel<scalar_t, sizeof(scalar_t) == 2 ? kSilu : kAnyActivation>
+          : moe_swiglu_bwd_expert_fast_kernel<scalar_t, kAnyActivation>);
+    if (err != cudaSuccess || splits == 1) return err;
+    return launch_sum_splits<scalar_t>(p, splits, stream);
   }
   const size_t smem = sizeof(acc_t) * kPairChunk * (p.Rg + p.Ru + Rz) +
                       sizeof(scalar_t) * 3 * kPairChunk * kExpertCols;
@@ -951,7 +972,14 @@ int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p) {
     return cudaSuccess;
   });
   const bool pass2 = p.E > 0 && std::max({p.Rg, p.Ru, p.Rd}) > 0 && p.I > 0;
-  return std::max(elems, pass2 ? expert_workspace_elems(p) : int64_t(0));
+  const int64_t pass2_elems = !pass2                   ? 0
+                              : wgrad_mma_supported(p) ? wgrad_mma_workspace_elems(p)
+                                                       : expert_workspace_elems(p);
+  return std::max(elems, pass2_elems);
+}
+
+bool moe_swiglu_backward_needs_rank_major(const MoeSwigluBackwardParams& p) {
+  return !(mma_backward_supported(p) && wgrad_mma_supported(p));
 }
 
 cudaError_t launch_moe_swiglu(const MoeSwigluParams& p, cudaStream_t stream) {

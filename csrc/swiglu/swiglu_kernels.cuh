@@ -67,6 +67,9 @@ struct MoeSwigluBackwardParams : SwigluInputs {
   void* workspace;        // moe_swiglu_backward_workspace_elems(*this) acc elements
 };
 int64_t moe_swiglu_backward_workspace_elems(const MoeSwigluBackwardParams& p);
+// Whether launch_moe_swiglu_backward reads Bg_t / Bu_t: not when both passes take the tensor
+// cores (those read Bg / Bu as they are); every other field set.
+bool moe_swiglu_backward_needs_rank_major(const MoeSwigluBackwardParams& p);
 cudaError_t launch_moe_swiglu_backward(const MoeSwigluBackwardParams& p, cudaStream_t stream);
 
 // The tensor-core forward (swiglu_mma_kernels.cu), used by launch_moe_swiglu where
@@ -83,6 +86,19 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
 bool mma_backward_supported(const MoeSwigluBackwardParams& p);
 cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums,
                                       int64_t num_tiles, cudaStream_t stream);
+
+// Backward pass 2 (dBg, dBu, dAd) on tensor cores (swiglu_wgrad_mma_kernels.cu), used by
+// launch_moe_swiglu_backward where wgrad_mma_supported (bfloat16, sm_80+, I % 8 == 0, ranks
+// <= 32, 16-byte aligned G / U / grad_hbar, its workspace within one [T, I] activation).
+// wgrad_mma_splits pair splits (shapes only); with one the launch writes the outputs, with
+// several fp32 partials [splits, E, Rg + Ru + Rd, I] at the start of p.workspace for the
+// caller to add in split order (unscaled, as the CUDA-core kernel's). p.workspace holds
+// wgrad_mma_workspace_elems(p) floats.
+bool wgrad_mma_supported(const MoeSwigluBackwardParams& p);
+int64_t wgrad_mma_splits(const MoeSwigluBackwardParams& p);
+int64_t wgrad_mma_workspace_elems(const MoeSwigluBackwardParams& p);
+cudaError_t launch_moe_swiglu_wgrad_mma(const MoeSwigluBackwardParams& p, int64_t splits,
+                                        cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mixlora
