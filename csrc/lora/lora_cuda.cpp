@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "common/dropout_rng.h"
 #include "lora/lora_args.h"
@@ -13,6 +14,25 @@
 namespace mixlora {
 namespace {
 
+
+// Whether lora_shrink / lora_expand take their dense GEMM forms (LoraShrinkGatherParams,
+// LoraExpandSplitParams): bfloat16, no dropout (a mask per pair and column is no GEMM), enough
+// tokens for the GEMM to beat the CUDA-core kernels (they are one launch; these two or three),
+// and E * R small enough that the E/k times larger product stays cheap.
+constexpr int64_t kDenseMinTokens = 256;
+constexpr int64_t kDenseMaxCols = 1024;  // E * R
+
+bool dense_lora(at::ScalarType dtype, int64_t T, int64_t cols, double dropout_p) {
+  return dtype == at::kBFloat16 && dropout_p == 0 && T >= kDenseMinTokens && cols <= kDenseMaxCols;
+}
+
+// at::mm(a, b, out_dtype) (bf16 in, fp32 out on CUDA), which the dense shrink needs, came with
+// PyTorch 2.9; older versions keep the shrink kernels.
+#if (TORCH_VERSION_MAJOR > 2) || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define MIXLORA_HAS_MM_OUT_DTYPE 1
+#else
+#define MIXLORA_HAS_MM_OUT_DTYPE 0
+#endif
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
                             const at::Tensor& ids_in, double dropout_p, int64_t seed,
@@ -24,6 +44,15 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
   const auto ids = ids_in.contiguous();
   const int64_t T = x.size(0), D = x.size(1), E = A.size(0), R = A.size(1), k = ids.size(1);
   auto z = at::empty({T, k, R}, x.options().dtype(acc_type(x.scalar_type())));
+#if MIXLORA_HAS_MM_OUT_DTYPE
+  if (dense_lora(x.scalar_type(), T, E * R, dropout_p)) {  // one GEMM (lora_kernels.cuh)
+    const auto z_all = at::mm(x, A.view({E * R, D}).t(), at::kFloat);
+    const cuda::LoraShrinkGatherParams gp{z_all.const_data_ptr<float>(), ids.const_data_ptr<int32_t>(),
+                                          z.data_ptr<float>(), T, k, E, R};
+    C10_CUDA_CHECK(cuda::launch_lora_shrink_gather(gp, c10::cuda::getCurrentCUDAStream()));
+    return z;
+  }
+#endif
   const cuda::LoraShrinkParams p{x.const_data_ptr(), A.const_data_ptr(), ids.const_data_ptr<int32_t>(),
                                  z.data_ptr(),       T, D, E, R, k, dropout_p,
                                  dropout_key(seed, stream),
@@ -45,6 +74,16 @@ at::Tensor lora_expand_cuda(const at::Tensor& z_in, const at::Tensor& B_in,
   const auto coef = contiguous_or_undefined(coef_in);
   const int64_t T = z.size(0), k = z.size(1), E = B_t.size(0), R = B_t.size(1), D = B_t.size(2);
   auto y = at::empty({T, D}, B_in.options());
+  if (dense_lora(B_t.scalar_type(), T, E * R, dropout_p)) {  // one GEMM on tensor cores (lora_kernels.cuh)
+    auto zm = at::empty({T, 2 * E * R}, B_in.options());
+    const cuda::LoraExpandSplitParams sp{z.const_data_ptr<float>(), ids.const_data_ptr<int32_t>(),
+                                         coef.defined() ? coef.const_data_ptr<float>() : nullptr,
+                                         zm.data_ptr(), T, k, E, R};
+    C10_CUDA_CHECK(cuda::launch_lora_expand_split(sp, c10::cuda::getCurrentCUDAStream()));
+    const auto B_flat = B_t.view({E * R, D});
+    at::mm_out(y, zm, at::cat({B_flat, B_flat}));
+    return y;
+  }
   const cuda::LoraExpandParams p{z.const_data_ptr(), B_t.const_data_ptr(), ids.const_data_ptr<int32_t>(),
                                  data_or_null(coef), y.data_ptr(),       T, D, E, R, k, dropout_p,
                                  dropout_key(seed, stream),

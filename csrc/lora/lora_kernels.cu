@@ -373,6 +373,57 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, cudaStream_t stream) {
   });
 }
 
+namespace {
+
+constexpr int kSplitThreads = 256;
+
+// One thread per (t, e, r): the slots of token t that picked e, summed in j order, split.
+__global__ void __launch_bounds__(kSplitThreads) lora_expand_split_kernel(LoraExpandSplitParams p) {
+  const int64_t i = int64_t(blockIdx.x) * kSplitThreads + threadIdx.x;
+  const int64_t ER = p.E * p.R;
+  if (i >= p.T * ER) return;
+  const int64_t t = i / ER, er = i % ER, e = er / p.R, r = er % p.R;
+  float v = 0.f;
+  for (int64_t j = 0; j < p.k; ++j) {
+    const int64_t q = t * p.k + j;
+    if (p.ids[q] == e) v += (p.coef != nullptr ? p.coef[q] : 1.f) * p.z[q * p.R + r];
+  }
+  const __nv_bfloat16 hi = __float2bfloat16_rn(v);
+  __nv_bfloat16* zm = static_cast<__nv_bfloat16*>(p.zm) + t * 2 * ER + er;
+  zm[0] = hi;
+  zm[ER] = __float2bfloat16_rn(v - __bfloat162float(hi));
+}
+
+// One thread per (t, j, r).
+__global__ void __launch_bounds__(kSplitThreads) lora_shrink_gather_kernel(LoraShrinkGatherParams p) {
+  const int64_t i = int64_t(blockIdx.x) * kSplitThreads + threadIdx.x;
+  if (i >= p.T * p.k * p.R) return;
+  const int64_t q = i / p.R, r = i % p.R, t = q / p.k;
+  const int32_t e = p.ids[q];
+  assert(e >= 0 && e < p.E);
+  p.z[i] = p.z_all[(t * p.E + e) * p.R + r];
+}
+
+}  // namespace
+
+cudaError_t launch_lora_shrink_gather(const LoraShrinkGatherParams& p, cudaStream_t stream) {
+  const int64_t n = p.T * p.k * p.R;
+  if (n == 0) return cudaSuccess;
+  lora_shrink_gather_kernel<<<static_cast<unsigned>((n + kSplitThreads - 1) / kSplitThreads),
+                              kSplitThreads, 0, stream>>>(p);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+cudaError_t launch_lora_expand_split(const LoraExpandSplitParams& p, cudaStream_t stream) {
+  const int64_t n = p.T * p.E * p.R;
+  if (n == 0) return cudaSuccess;
+  lora_expand_split_kernel<<<static_cast<unsigned>((n + kSplitThreads - 1) / kSplitThreads),
+                             kSplitThreads, 0, stream>>>(p);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
 int64_t lora_weight_grad_workspace_elems(const LoraWeightGradParams& p) {
   int64_t elems = 0;
   dispatch_dtype(p.dtype, [&](auto zero) {

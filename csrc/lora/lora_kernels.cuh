@@ -27,7 +27,8 @@ struct LoraShrinkParams {
   DType dtype;
 };
 cudaError_t launch_lora_shrink(const LoraShrinkParams& p, cudaStream_t stream);
-// The tensor-core shrink (lora_mma_kernels.cu) that launch_lora_shrink takes where supported:
+// The tensor-core shrink (lora_mma_kernels.cu) that launch_lora_shrink takes where supported
+// (the glue's dense GEMM form, LoraShrinkGatherParams, comes first where PyTorch has it):
 // bf16, no dropout, T >= 256, R % 8 == 0, E * R <= 128, D % 8 == 0, 16-byte aligned x and A,
 // compute capability 8.0 or newer.
 bool mma_shrink_supported(const LoraShrinkParams& p);
@@ -46,6 +47,33 @@ struct LoraExpandParams {
   DType dtype;
 };
 cudaError_t launch_lora_expand(const LoraExpandParams& p, cudaStream_t stream);
+
+// The dense form of lora_shrink for bfloat16 without dropout (lora_cuda.cpp): z_all [T, E R] =
+// x @ A_all^T is one GEMM with fp32 output (cuBLAS; x and A are bf16, so the products are exact
+// and only the fp32 sums round), of which slot (t, j) keeps its expert's R columns:
+// z[t, j, r] = z_all[t, ids[t, j] R + r].
+struct LoraShrinkGatherParams {
+  const float* z_all;   // [T, E, R]
+  const int32_t* ids;   // [T, k]
+  float* z;             // [T, k, R]
+  int64_t T, k, E, R;
+};
+cudaError_t launch_lora_shrink_gather(const LoraShrinkGatherParams& p, cudaStream_t stream);
+
+// The dense form of lora_expand for bfloat16 without dropout (lora_cuda.cpp): with
+// zm[t, term, e, r] = the bf16 hi (term 0) and lo (term 1) parts of
+// sum_{j: ids[t, j] == e} (coef[t, j] or 1) * z[t, j, r] (zero for experts no slot picked),
+// y = zm [T, 2 E R] @ [B_t; B_t] [2 E R, D] is one GEMM on tensor cores (cuBLAS), E/k times the
+// useful work, against ~0.09 ms per call for lora_expand_kernel at T = 4096, D = 4096, E R = 128
+// on the H100 (bench/NOTES.md v4). The hi + lo split keeps 16 bits of z * coef.
+struct LoraExpandSplitParams {
+  const float* z;       // [T, k, R]
+  const int32_t* ids;   // [T, k]
+  const float* coef;    // [T, k], or null
+  void* zm;             // [T, 2, E, R] bf16
+  int64_t T, k, E, R;
+};
+cudaError_t launch_lora_expand_split(const LoraExpandSplitParams& p, cudaStream_t stream);
 
 // out[e, r, d] = sum_{p in [offsets[e], offsets[e+1])} (coef.flat[q] or 1) * z.flat[q, r]
 //                * drop_q(x[q / k])[d],   q = order[p]: e's pairs cut into a number of splits

@@ -1,5 +1,7 @@
 // Tensor-core lora_shrink for bfloat16 without dropout (docs/design.md, "Low-rank expert
-// GEMMs"; bench/NOTES.md v3).
+// GEMMs"; bench/NOTES.md v3). With PyTorch 2.9 or newer the glue (lora_cuda.cpp) takes the
+// dense GEMM form instead (cuBLAS, fp32 output: 0.016 against 0.10 ms at the SPEC shape,
+// bench/NOTES.md v4); this kernel serves older versions, which lack at::mm(.., out_dtype).
 //
 // z[t, j, :] = A[ids[t, j]] @ x[t] for every slot j is one dense product over all experts,
 // Z_all [T, E*R] = x [T, D] @ A_all^T with A_all = A viewed as [E*R, D], of which each slot keeps
