@@ -3,7 +3,9 @@
 The forward uses the exact rewrite of SPEC section 4: the frozen gate/up projections run once
 per token, the experts' SwiGLU and the weighted combine are fused (`moe_swiglu`), and the
 frozen down projection runs once per token on the weighted sum of expert activations. Only
-rank-r and elementwise work is expert-specific. DoRA experts take the reference path.
+rank-r and elementwise work is expert-specific. In eager mode all of it runs as one autograd
+Function (expert_ffn.py); under torch.compile, or with a base MLP that trains, as the ops'
+own autograd. DoRA experts take the reference path.
 
 Legend: T tokens, H hidden, I intermediate, E experts, k slots, r rank.
 """
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import MixLoRAConfig
+from .expert_ffn import ExpertFFN
 from .reference import _make_drop, reference_experts
 
 _TORCH_ACTIVATIONS = {
@@ -149,16 +152,27 @@ class MixLoRAFFN(nn.Module):
         x2 = x.reshape(-1, self.hidden_size)                                       # [T, H]
         if self.training and self.jitter_noise > 0:
             x2 = x2 * torch.empty_like(x2).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        acc = ops.acc_dtype(x2.dtype)
-        logits = F.linear(x2.to(acc), self.router.to(acc))                          # [T, E]
-        weights, ids, probs = ops.topk_gating(logits, self.top_k)                  # [T, k], [T, k], [T, E]
-        self.last_probs, self.last_ids = probs, ids
-
         dropout_p = self.lora_dropout if self.training else 0.0
         seed = 0
         if dropout_p > 0:  # one fresh seed per forward, from torch's CPU generator (no device sync)
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # host-sync-ok: CPU tensor
         self.last_dropout_seed = seed
+        if not self.use_dora and not torch.compiler.is_compiling() and \
+                not any(p.requires_grad for p in self.base_layer.parameters()):
+            # Eager: the whole expert FFN as one autograd Function (expert_ffn.py), the same
+            # math with far less host work per step than the per-op autograd below, which
+            # torch.compile traces instead (it has no host work per op to save) and which also
+            # serves base MLPs that train.
+            A, B = self.lora_A, self.lora_B
+            out, probs, ids = ExpertFFN.apply(
+                x2, self.router, A.get("gate_proj"), B.get("gate_proj"), A.get("up_proj"),
+                B.get("up_proj"), A.get("down_proj"), B.get("down_proj"), self, dropout_p, seed)
+            self.last_probs, self.last_ids = probs, ids
+            return out.reshape(x.shape)
+        acc = ops.acc_dtype(x2.dtype)
+        logits = F.linear(x2.to(acc), self.router.to(acc))                          # [T, E]
+        weights, ids, probs = ops.topk_gating(logits, self.top_k)                  # [T, k], [T, k], [T, E]
+        self.last_probs, self.last_ids = probs, ids
         if self.use_dora:
             drop = _make_drop(self, x2, seed if dropout_p > 0 else None)
             return reference_experts(self, x2, weights, ids, drop).reshape(x.shape)
