@@ -115,11 +115,13 @@ class ExpertFFN(torch.autograd.Function):
             dhbar, grad_zd if Ad is not None else None, G, U, ids, weights, zg, Bg, zu, Bu, Ad,
             order, offsets, s, layer.activation, p, seed)
         dweights.add_(dw)
+        del dhbar, grad_zd, dw  # ([T, I]: not held while dx is formed; the peak is in this pass)
 
         # dx: the frozen projections, the gate / up shrinks (expands through A^T with the
         # forward's masks), the router; accumulated in place.
         dx = dG.mm(base.gate_proj.weight)
         dx.addmm_(dU, base.up_proj.weight)
+        del dG, dU
         dAg = dAu = None
         for A, dz, stream, i in ((Ag, dzg, ops.STREAM_GATE, 2), (Au, dzu, ops.STREAM_UP, 4)):
             if A is None:
