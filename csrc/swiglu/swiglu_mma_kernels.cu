@@ -62,7 +62,10 @@ constexpr int kWhStride = kMmaStep + 4;      // row buffer stride (floats): 8 co
                                              // float2 in distinct banks, 16-byte aligned rows
 constexpr int kMmaMaxRank = 64;
 constexpr int kMmaMaxExperts = 64;
-constexpr size_t kMmaMaxSmem = 110 * 1024;  // 2 blocks per SM fit (with the static part)
+// Dynamic shared memory of a block: up to 110 KiB two blocks fit on an SM (with the static
+// part); more (many experts or ranks: E = 16, r = 64) runs one block of 8 warps per SM, still
+// far ahead of the CUDA-core kernels (bench/NOTES.md v4).
+constexpr size_t kMmaMaxSmem = 220 * 1024;
 
 // threadIdx.x, read where it is used: asm volatile is not hoisted out of loops, so what
 // stage_step derives from it is recomputed each step (~15 instructions) instead of being kept
