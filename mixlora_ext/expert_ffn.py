@@ -71,13 +71,15 @@ class ExpertFFN(torch.autograd.Function):
         out = F.linear(hbar, base.down_proj.weight, base.down_proj.bias)        # [T, H]
         if Bd is not None:
             out.add_(_ops.lora_expand(zd, Bd_c, ids, weights * layer.scaling, 0.0, 0, 0))
+        ctx.mark_non_differentiable(ids)
+        if not any(ctx.needs_input_grad):  # inference: no backward, nothing to sort or keep
+            return out, probs, ids
         # The pairs grouped by expert, for every per-expert sum of the backward (sorted once).
         order, offsets, _ = _ops.sort_pairs(ids, layer.num_experts)
         ctx.save_for_backward(x, router, Ag_c, Bg_c, Au_c, Bu_c, Ad_c, Bd_c, weights, ids, probs,
                               G, U, zg, zu, zd, order, offsets)
         ctx.layer, ctx.dropout = layer, (dropout_p, seed)
         ctx.param_dtypes = tuple(None if w is None else w.dtype for w in (router, Ag, Bg, Au, Bu, Ad, Bd))
-        ctx.mark_non_differentiable(ids)
         return out, probs, ids
 
     @staticmethod
