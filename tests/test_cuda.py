@@ -179,11 +179,15 @@ def test_bitwise_deterministic_tensor_cores(name, variant):
 
 
 @pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
-@pytest.mark.parametrize("case", [(1000, 8, 2, 32, 1000), (600, 4, 2, 24, 1032), (300, 4, 2, 5, 520)],
+@pytest.mark.parametrize("case", [
+    (1000, 8, 2, 32, 1000), (600, 4, 2, 24, 1032), (300, 4, 2, 5, 520),
+    (600, 4, 2, 64, 1032), (600, 4, 2, 48, 1032), (600, 4, 2, 40, 1032), (2500, 2, 2, 64, 4096)],
                          ids=case_id)
 def test_swiglu_backward_tensor_core_ranks(case, variant):
     """The bfloat16 tensor-core weight gradients (swiglu_wgrad_mma_kernels.cu) at ranks other
-    than 16: 32 (two k-steps), 24 and 5 (zero-padded to the MMA's 16 or 32)."""
+    than 16: 32 (two k-steps), 24 and 5 (zero-padded to the MMA's 16 or 32), 64 and 48 (four and
+    three k-steps), 40 (zero-padded to 48); I of 1032 keeps the split z terms within the
+    workspace limit at these ranks, and (2500, 2, 2, 64, 4096) takes two pair splits (partials)."""
     assert_accurate("moe_swiglu_backward",
                     make_args("moe_swiglu_backward", case, torch.bfloat16, variant))
 

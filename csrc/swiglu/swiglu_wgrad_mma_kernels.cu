@@ -35,8 +35,12 @@
 // the pair metadata that the row addresses need is loaded one chunk earlier still). Each warp
 // takes the chunk's pairs 16 at a time (one k-step of the gradient MMAs). blockIdx.x runs over
 // the experts fastest, so the k blocks that read a token's rows run at about the same time
-// (their pairs are sorted by token) and share them in L2. 4 warps, 128 registers, 49.7 KB of
-// shared memory (R <= 16): 4 blocks per SM.
+// (their pairs are sorted by token) and share them in L2. 4 warps; ranks padded to 16 * R16,
+// R16 = 1 .. 4 (ranks <= 64): R16 = 1 up to 128 registers, 49.7 KB of shared memory, 4 blocks
+// per SM; R16 = 2 up to 168 registers, 3 blocks; R16 = 3, 4 (accumulators 24 R16 and weight
+// fragments 12 R16 registers a thread) up to 255 registers (~210 and ~245 used, no spills),
+// 78 KB and 93 KB: 2 blocks per SM, each block still computing all ranks (no rank tiles: the
+// recompute needs every rank, and shared memory allows no third block anyway).
 //
 // Summation order: each (e, column, rank) sum belongs to one thread of one warp: MMAs over the
 // split's pairs in chunk order, 16 pairs per MMA (the hardware's order inside, fixed). Splits
@@ -59,16 +63,16 @@ constexpr int kWgCols = 16 * kWgWarps;     // columns of a block (16 per warp: o
 constexpr int kWgChunk = 32;               // pairs per staged chunk
 constexpr int kWgColStride = kWgCols + 8;  // staged row stride (bf16): conflict-free 32-bit loads
 constexpr int kWgTerms = 7;                // zg hi, lo; zu hi, lo; grad_zd hi, mid, lo
-constexpr int kWgMaxRank = 32;
+constexpr int kWgMaxRank = 64;
 constexpr int kWgMaxSplits = 8;
 constexpr int kWgTargetBlocks = 1024;      // blocks the pair splits aim for (shapes only)
 constexpr int kWgSplitThreads = 256;
 enum : int { kZgHi = 0, kZgLo, kZuHi, kZuLo, kGzHi, kGzMid, kGzLo };
 
 // R16: ranks padded to 16 * R16 (the MMA's k-step). A position's z row: [kWgTerms, RS] bf16,
-// RS = padded ranks + 8 (ranks past R zero): with rows of kWgTerms * RS bf16 (336 or 560 bytes)
-// the 8 rows of an ldmatrix tile hit distinct banks. Shared memory per stage: z [kWgChunk,
-// kWgTerms, RS]; G, U, grad_hbar [3, kWgChunk, kWgColStride]; the chunk's pairs q
+// RS = padded ranks + 8 (ranks past R zero): with rows of kWgTerms * RS bf16 (336, 560, 784 or
+// 1008 bytes) the 8 rows of an ldmatrix tile hit distinct banks. Shared memory per stage: z
+// [kWgChunk, kWgTerms, RS]; G, U, grad_hbar [3, kWgChunk, kWgColStride]; the chunk's pairs q
 // [kWgChunk] (int32, -1 past the split's end) and their routing weights [kWgChunk].
 template <int R16>
 struct WgLayout {
@@ -164,7 +168,7 @@ __device__ __forceinline__ void weight_frags(const bf16* W, int64_t col_stride, 
 // the file. zs, meta: wgrad_split_z_kernel's output. splits == 1: the outputs; else fp32
 // partials at p.workspace [splits, E, Rg + Ru + Rd, I] (unscaled). DROP: p.dropout_p > 0.
 template <int R16, int ACT, bool DROP>
-__global__ void __launch_bounds__(kWgThreads, R16 == 1 ? 4 : 3)
+__global__ void __launch_bounds__(kWgThreads, R16 == 1 ? 4 : R16 == 2 ? 3 : 2)
     moe_swiglu_wgrad_mma_kernel(MoeSwigluBackwardParams p, const bf16* zs, const int4* meta,
                                 int64_t splits) {
   using L = WgLayout<R16>;
@@ -419,7 +423,7 @@ __global__ void __launch_bounds__(kWgThreads, R16 == 1 ? 4 : 3)
 }
 
 int wgrad_r16(const MoeSwigluBackwardParams& p) {
-  return std::max({p.Rg, p.Ru, p.Rd}) <= 16 ? 1 : 2;
+  return static_cast<int>((std::max({p.Rg, p.Ru, p.Rd}) + 15) / 16);  // 1 .. 4 (<= kWgMaxRank)
 }
 
 // Bytes of wgrad_split_z_kernel's output in the workspace (after any partials): meta, then zs.
@@ -481,10 +485,19 @@ cudaError_t launch_moe_swiglu_wgrad_mma(const MoeSwigluBackwardParams& p, int64_
     const int64_t threads = N * (wgrad_rs(r16) / 2);  // (pos, rank pair)
     const unsigned blocks =
         static_cast<unsigned>((threads + kWgSplitThreads - 1) / kWgSplitThreads);
-    if (r16 == 1) {
-      wgrad_split_z_kernel<WgLayout<1>::RS><<<blocks, kWgSplitThreads, 0, stream>>>(p, zs, meta);
-    } else {
-      wgrad_split_z_kernel<WgLayout<2>::RS><<<blocks, kWgSplitThreads, 0, stream>>>(p, zs, meta);
+    switch (r16) {
+      case 1:
+        wgrad_split_z_kernel<WgLayout<1>::RS><<<blocks, kWgSplitThreads, 0, stream>>>(p, zs, meta);
+        break;
+      case 2:
+        wgrad_split_z_kernel<WgLayout<2>::RS><<<blocks, kWgSplitThreads, 0, stream>>>(p, zs, meta);
+        break;
+      case 3:
+        wgrad_split_z_kernel<WgLayout<3>::RS><<<blocks, kWgSplitThreads, 0, stream>>>(p, zs, meta);
+        break;
+      default:
+        wgrad_split_z_kernel<WgLayout<4>::RS><<<blocks, kWgSplitThreads, 0, stream>>>(p, zs, meta);
+        break;
     }
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
   }
@@ -496,7 +509,7 @@ cudaError_t launch_moe_swiglu_wgrad_mma(const MoeSwigluBackwardParams& p, int64_
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
-  // R16 (1 or 2) x activation (the fast SiLU or any) x dropout (off or on).
+  // R16 (1 .. 4) x activation (the fast SiLU or any) x dropout (off or on).
   auto with_act = [&](auto r16_c) {
     constexpr int R16 = decltype(r16_c)::value;
     constexpr size_t smem = WgLayout<R16>::kSmem;
@@ -508,8 +521,12 @@ cudaError_t launch_moe_swiglu_wgrad_mma(const MoeSwigluBackwardParams& p, int64_
     return drop ? launch(moe_swiglu_wgrad_mma_kernel<R16, kAnyActivation, true>, smem)
                 : launch(moe_swiglu_wgrad_mma_kernel<R16, kAnyActivation, false>, smem);
   };
-  return r16 == 1 ? with_act(std::integral_constant<int, 1>{})
-                  : with_act(std::integral_constant<int, 2>{});
+  switch (r16) {
+    case 1: return with_act(std::integral_constant<int, 1>{});
+    case 2: return with_act(std::integral_constant<int, 2>{});
+    case 3: return with_act(std::integral_constant<int, 3>{});
+    default: return with_act(std::integral_constant<int, 4>{});
+  }
 }
 
 }  // namespace cuda
