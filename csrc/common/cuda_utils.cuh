@@ -113,9 +113,11 @@ __device__ __forceinline__ void rank_columns(const scalar_t* W, int64_t R, int64
   }
 }
 
-__host__ __device__ __forceinline__ bool aligned16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+// Whether p is aligned to `bytes` (a power of two); null is aligned.
+__host__ __device__ __forceinline__ bool aligned_to(const void* p, uintptr_t bytes) {
+  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
+__host__ __device__ __forceinline__ bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 // Butterfly sum over the warp: fixed pairing, and since a + b == b + a every lane ends with the
 // same bits, so the result does not depend on scheduling.
@@ -196,31 +198,27 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 // address of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned), and r[m] receives the MMA
 // fragment word of matrix m (row lane / 4, columns 2 (lane % 4), + 1). The .trans form
 // transposes each matrix (r[m]: rows 2 (lane % 4), + 1 of column lane / 4): a B operand whose
-// k rows are stored n-contiguous.
+// k rows are stored n-contiguous (ldmatrix_x4<true>).
 // (smem_addr: a shared-memory address, as __cvta_generic_to_shared gives.)
+template <bool kTrans = false>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], unsigned smem_addr) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr));
+  }
 #else
   __trap();
 #endif
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], unsigned smem_addr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr));
-#else
-  __trap();
-#endif
-}
+template <bool kTrans = false>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  ldmatrix_x4(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
-  ldmatrix_x4_trans(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
+  ldmatrix_x4<kTrans>(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
 }
 
 // Whether the current device has the warp MMAs (mma.sync, bf16) and cp.async: sm_80 or newer.

@@ -259,17 +259,25 @@ SwigluWeights<scalar_t> swiglu_weights(const SwigluInputs& p) {
 
 // g, u, act(g), h of a pair (expert e, LoRA activations zg, zu) at columns i0 .. i0 + V - 1
 // from G, U there: g = G + s * (Bg[e] @ zg)[i] (just G without Bg), u likewise; swiglu_math.h
-// does the rest, as on the CPU.
-template <int V, typename scalar_t>
+// does the rest, as on the CPU. kZGlobal: z in global memory (the token-major kernels), read
+// by rank_cols with 16-byte __ldg loads; else z in shared memory, read by rank_columns.
+template <int V, bool kZGlobal, typename scalar_t>
 __device__ __forceinline__ void recompute(const SwigluWeights<scalar_t>& w, int64_t e, int64_t i0,
                                           const acc_of<scalar_t> (&G)[V],
                                           const acc_of<scalar_t> (&U)[V],
                                           const acc_of<scalar_t>* zg, const acc_of<scalar_t>* zu,
                                           SwigluPoint<acc_of<scalar_t>> (&pt)[V]) {
   using acc_t = acc_of<scalar_t>;
+  auto rank_dot = [&](const scalar_t* W, int64_t R, const acc_t* z, acc_t (&out)[V]) {
+    if constexpr (kZGlobal) {
+      rank_cols<V>(W, R, w.I, i0, z, out);
+    } else {
+      rank_columns<V>(W, R, w.I, i0, z, out);
+    }
+  };
   acc_t dg[V], du[V];
-  if (w.Bg_t != nullptr) rank_columns<V>(w.Bg_t + e * w.Rg * w.I, w.Rg, w.I, i0, zg, dg);
-  if (w.Bu_t != nullptr) rank_columns<V>(w.Bu_t + e * w.Ru * w.I, w.Ru, w.I, i0, zu, du);
+  if (w.Bg_t != nullptr) rank_dot(w.Bg_t + e * w.Rg * w.I, w.Rg, zg, dg);
+  if (w.Bu_t != nullptr) rank_dot(w.Bu_t + e * w.Ru * w.I, w.Ru, zu, du);
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     const acc_t g = w.Bg_t != nullptr ? G[v] + w.scale * dg[v] : G[v];
@@ -293,27 +301,6 @@ __device__ __forceinline__ acc_of<scalar_t> columns_dot(const scalar_t* W_row, i
 template <typename acc_t>
 __device__ __forceinline__ void stage(acc_t* dst, const acc_t* src, int64_t n) {
   for (int64_t r = threadIdx.x; r < n; r += blockDim.x) dst[r] = src[r];
-}
-
-// recompute (above) for z in global memory (the token-major kernels): rank_cols reads z with
-// 16-byte __ldg loads, which recompute's callers cannot use, their z being in shared memory.
-template <int V, typename scalar_t>
-__device__ __forceinline__ void recompute_cols(const SwigluWeights<scalar_t>& w, int64_t e,
-                                               int64_t i0, const acc_of<scalar_t> (&G)[V],
-                                               const acc_of<scalar_t> (&U)[V],
-                                               const acc_of<scalar_t>* zg,
-                                               const acc_of<scalar_t>* zu,
-                                               SwigluPoint<acc_of<scalar_t>> (&pt)[V]) {
-  using acc_t = acc_of<scalar_t>;
-  acc_t dg[V], du[V];
-  if (w.Bg_t != nullptr) rank_cols<V>(w.Bg_t + e * w.Rg * w.I, w.Rg, w.I, i0, zg, dg);
-  if (w.Bu_t != nullptr) rank_cols<V>(w.Bu_t + e * w.Ru * w.I, w.Ru, w.I, i0, zu, du);
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-    const acc_t g = w.Bg_t != nullptr ? G[v] + w.scale * dg[v] : G[v];
-    const acc_t u = w.Bu_t != nullptr ? U[v] + w.scale * du[v] : U[v];
-    pt[v] = swiglu_point<acc_t, acc_t>(w.act, w.scale, g, u, nullptr, nullptr, 0, nullptr, nullptr, 0);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -351,7 +338,7 @@ __global__ void __launch_bounds__(kTileThreads)
       acc_t h_drop[V] = {};  // drop_q(h) on the lane's columns
       if (active) {
         SwigluPoint<acc_t> pt[V];
-        recompute_cols<V>(weights_lora, e, i0, G, U, zg_all + q * p.Rg, zu_all + q * p.Ru, pt);
+        recompute<V, true>(weights_lora, e, i0, G, U, zg_all + q * p.Rg, zu_all + q * p.Ru, pt);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           hbar[v] += w * pt[v].h;
@@ -410,7 +397,7 @@ __global__ void __launch_bounds__(kTileThreads)
         acc_t ad_gz[V] = {};  // (Ad[e]^T @ grad_zd[q])[i], r ascending
         if (has_gzd) rank_cols<V>(Ad + e * p.Rd * p.I, Rz, p.I, i0, gzd_all + q * Rz, ad_gz);
         SwigluPoint<acc_t> pt[V];
-        recompute_cols<V>(weights_lora, e, i0, G, U, zg_all + q * p.Rg, zu_all + q * p.Ru, pt);
+        recompute<V, true>(weights_lora, e, i0, G, U, zg_all + q * p.Rg, zu_all + q * p.Ru, pt);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           acc_t dh = w * gh[v];
@@ -505,7 +492,7 @@ __global__ void __launch_bounds__(kExpertCols)
       const int64_t col = c * kExpertCols + threadIdx.x;
       const acc_t Gi[1] = {to_acc(G_s[col])}, Ui[1] = {to_acc(U_s[col])};
       SwigluPoint<acc_t> pts[1];
-      recompute<1>(weights_lora, e, i, Gi, Ui, zg + c * p.Rg, zu + c * p.Ru, pts);
+      recompute<1, false>(weights_lora, e, i, Gi, Ui, zg + c * p.Rg, zu + c * p.Ru, pts);
       const SwigluPoint<acc_t>& pt = pts[0];
       const acc_t m = drop.active ? drop.factor(q * p.I + i) : acc_t(1);
       acc_t dh = weights[q] * to_acc(gh_s[col]);
@@ -768,10 +755,6 @@ __global__ void __launch_bounds__(kSumThreads)
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
 
-__host__ __device__ __forceinline__ bool aligned_to(const void* p, uintptr_t bytes) {
-  return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
-}
-
 // V = kTileVec when the [T, I] rows (and the rank-major weights' rows) allow V-element access,
 // else 1.
 template <typename scalar_t>
@@ -870,7 +853,7 @@ cudaError_t launch_token_pass(const MoeSwigluBackwardParams& p,
                             p.T * p.k};
   if constexpr (std::is_same_v<acc_t, float>) {
     if (mma) {
-      const cudaError_t err = launch_moe_swiglu_bwd_mma(p, dst.workspace, dst.num_tiles, stream);
+      const cudaError_t err = launch_moe_swiglu_bwd_mma(p, dst.workspace, stream);
       if (err != cudaSuccess) return err;
       return launch_sum_tiles(dst, stream);
     }

@@ -85,7 +85,7 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
 // adds them); with one tile, the outputs themselves (scaled).
 bool mma_backward_supported(const MoeSwigluBackwardParams& p);
 cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums,
-                                      int64_t num_tiles, cudaStream_t stream);
+                                      cudaStream_t stream);
 
 // Backward pass 2 (dBg, dBu, dAd) on tensor cores (swiglu_wgrad_mma_kernels.cu), used by
 // launch_moe_swiglu_backward where wgrad_mma_supported (bfloat16, sm_80+, I % 8 == 0, ranks

@@ -557,13 +557,13 @@ __global__ void __launch_bounds__(kMmaThreads)
 // layout, dG and dU through shared memory for the combine over j, and the per-pair sums over
 // the block's columns: dweights (each thread its own, then its quad in a fixed butterfly) and
 // dzg / s, dzu / s (MMAs of dg, du, split into three terms, with the staged Bg, Bu). The sums
-// go to sums: [num_tiles, N, 1 + Rg + Ru] partials, or with one column tile straight to the
-// outputs (scaled). R8: ranks up to 8 * R8 (Rg, Ru, Rd; rank blocks of 8 per thread for dzg
-// and dzu); with R8 == 2, z and grad_zd stay in registers (RegFrags). ACT: as in the forward.
+// go to sums: [gridDim.y column tiles, N, 1 + Rg + Ru] partials, or with one column tile
+// straight to the outputs (scaled). R8: ranks up to 8 * R8 (Rg, Ru, Rd; rank blocks of 8 per
+// thread for dzg and dzu); with R8 == 2, z stays in registers (RegFrags). ACT: as in the forward.
 template <int R8, int ACT>
 __global__ void __launch_bounds__(kMmaThreads, 2)
     moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, int64_t tokens_per_block,
-                              int64_t block_cols, float* sums, int64_t num_tiles) {
+                              int64_t block_cols, float* sums) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int32_t ids_s[kMmaRows];
   __shared__ float weights_s[kMmaRows];
@@ -643,7 +643,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
       // ldmatrix: matrices (k0 + 0..7, n 0-7) (k0 + 8..15, n 0-7) (.., n 8-15) (..).
       masked_mma<3>(w, gz, Rd, [&](int e, int k0, uint32_t (&bf)[4]) {
         const int kr = min(k0 + (lane / 8 % 2) * 8 + lane % 8, Rd - 1);  // (zeroed below)
-        ldmatrix_x4_trans(bf, S + L.ad + (e * Rd + kr) * kColStride + (lane / 16) * 8);
+        ldmatrix_x4<true>(bf, S + L.ad + (e * Rd + kr) * kColStride + (lane / 16) * 8);
         if (k0 + 2 * c >= Rd) bf[0] = bf[2] = 0u;
         if (k0 + 8 + 2 * c >= Rd) bf[1] = bf[3] = 0u;
       }, adz);
@@ -691,7 +691,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     auto weight_frag = [&](const bf16* B_s, int R) {
       return [=](int e, int rb, uint32_t (&bf)[4]) {
         const int kc = (lane / 8 % 2) * 8 + lane % 8;
-        ldmatrix_x4_trans(bf, B_s + (e * kMmaStep + kc) * (R + kPad) + rb * 8 + (lane / 16) * 8);
+        ldmatrix_x4<true>(bf, B_s + (e * kMmaStep + kc) * (R + kPad) + rb * 8 + (lane / 16) * 8);
       };
     };
     if (p.Bg != nullptr) {
@@ -717,7 +717,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
     dw[half] += __shfl_xor_sync(kFullMask, dw[half], 2);
   }
   const int64_t N = p.T * p.k, total = 1 + p.Rg + p.Ru;
-  const bool final = num_tiles == 1;
+  const bool final = gridDim.y == 1;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     if (w.pair[half] < 0) continue;
@@ -745,10 +745,6 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   }
 }
 
-bool aligned_to_bytes(const void* ptr, uintptr_t bytes) {
-  return (reinterpret_cast<uintptr_t>(ptr) & (bytes - 1)) == 0;
-}
-
 }  // namespace
 
 bool mma_forward_supported(const MoeSwigluParams& p) {
@@ -766,7 +762,7 @@ bool mma_forward_supported(const MoeSwigluParams& p) {
   }
   const void* rows[] = {p.G, p.U, p.hbar, p.Bg, p.Bu, p.Ad};  // copied in 16-byte chunks
   for (const void* ptr : rows) {
-    if (!aligned_to_bytes(ptr, 16)) return false;  // (null is aligned)
+    if (!aligned16(ptr)) return false;  // (null is aligned)
   }
   const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, false);
   if (static_cast<size_t>(layout.total) > kMmaMaxSmem) return false;  // many experts or ranks
@@ -778,7 +774,7 @@ bool mma_backward_supported(const MoeSwigluBackwardParams& p) {
   static_cast<SwigluInputs&>(as_forward) = p;
   as_forward.hbar = p.dG;  // (dG, dU, grad_hbar: stored and staged like hbar, G, U)
   if (!mma_forward_supported(as_forward)) return false;
-  if (!aligned_to_bytes(p.dU, 16) || !aligned_to_bytes(p.grad_hbar, 16)) return false;
+  if (!aligned16(p.dU) || !aligned16(p.grad_hbar)) return false;
   if (p.Rd % 2 != 0) return false;  // grad_zd split in rank pairs
   const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, true);
   return static_cast<size_t>(layout.total) <= kMmaMaxSmem;
@@ -825,7 +821,7 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
                : launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8, kAnyActivation>);
 }
 
-cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums, int64_t num_tiles,
+cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums,
                                       cudaStream_t stream) {
   const int64_t tokens_per_block = kMmaRows / p.k;
   const dim3 grid(static_cast<unsigned>((p.T + tokens_per_block - 1) / tokens_per_block),
@@ -835,7 +831,7 @@ cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* s
   auto launch = [&](auto kernel) {
     const cudaError_t err = allow_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, block_cols, sums, num_tiles);
+    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, block_cols, sums);
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };

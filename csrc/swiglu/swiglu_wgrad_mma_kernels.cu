@@ -88,8 +88,9 @@ struct WgLayout {
 
 int wgrad_rs(int r16) { return 16 * r16 + 8; }
 
+// Two bf16 as one MMA operand word (lo in the low half): pack_bf16x2 of the pair.
 __device__ __forceinline__ uint32_t pack2(bf16 lo, bf16 hi) {
-  return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+  return pack_bf16x2(__halves2bfloat162(lo, hi));
 }
 
 // (a, b) = hi + lo as bf16 pairs: hi the truncated values (their top 16 bits: one byte
@@ -364,12 +365,12 @@ __global__ void __launch_bounds__(kWgThreads, R16 == 1 ? 4 : R16 == 2 ? 3 : 2)
 #pragma unroll
         for (int rb = 0; rb < R16; ++rb) {
           uint32_t b[4];
-          ldmatrix_x4_trans(b, zb + (term_hi * RS + rb * 16) * 2);
+          ldmatrix_x4<true>(b, zb + (term_hi * RS + rb * 16) * 2);
           mma_bf16(acc[2 * rb], x_hi, b[0], b[1]);
           mma_bf16(acc[2 * rb], x_lo, b[0], b[1]);
           mma_bf16(acc[2 * rb + 1], x_hi, b[2], b[3]);
           mma_bf16(acc[2 * rb + 1], x_lo, b[2], b[3]);
-          ldmatrix_x4_trans(b, zb + (term_lo * RS + rb * 16) * 2);
+          ldmatrix_x4<true>(b, zb + (term_lo * RS + rb * 16) * 2);
           mma_bf16(acc[2 * rb], x_hi, b[0], b[1]);
           mma_bf16(acc[2 * rb + 1], x_hi, b[2], b[3]);
         }
@@ -434,7 +435,6 @@ int64_t wgrad_zs_bytes(const MoeSwigluBackwardParams& p) {
 
 int64_t wgrad_col_tiles(int64_t I) { return (I + kWgCols - 1) / kWgCols; }
 
-bool aligned16_ptr(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 }  // namespace
 
@@ -445,10 +445,10 @@ bool wgrad_mma_supported(const MoeSwigluBackwardParams& p) {
   if (max_rank < 1 || max_rank > kWgMaxRank) return false;
   if (wgrad_col_tiles(p.I) > 65535 || p.E * kWgMaxSplits > (int64_t(1) << 31) - 1) return false;
   for (const void* ptr : {p.G, p.U, p.grad_hbar}) {  // 16-byte cp.async of row pieces
-    if (!aligned16_ptr(ptr)) return false;
+    if (!aligned16(ptr)) return false;
   }
   // dAd stored as bf16 pairs (col0 even, I even); the glue's outputs are fresh allocations.
-  if ((reinterpret_cast<uintptr_t>(p.dAd) & 3) != 0) return false;
+  if (!aligned_to(p.dAd, 4)) return false;
   // The split z terms live in the workspace: within one [T, I] activation's bytes.
   if (wgrad_zs_bytes(p) > p.T * p.I * 2) return false;
   return device_has_mma();
