@@ -67,23 +67,24 @@ at::Tensor lora_expand_cuda(const at::Tensor& z_in, const at::Tensor& B_in,
   check_lora_expand(z_in, B_in, ids_in, coef_in, dropout_p);
   const c10::cuda::CUDAGuard guard(B_in.device());
   const auto z = z_in.contiguous();
-  // Rank-major [E, R, D] for coalesced reads (no copy when B is itself a transposed view, as
-  // in the shrink's backward).
-  const auto B_t = B_in.transpose(1, 2).contiguous();
   const auto ids = ids_in.contiguous();
   const auto coef = contiguous_or_undefined(coef_in);
-  const int64_t T = z.size(0), k = z.size(1), E = B_t.size(0), R = B_t.size(1), D = B_t.size(2);
+  const int64_t T = z.size(0), k = z.size(1), E = B_in.size(0), D = B_in.size(1), R = B_in.size(2);
   auto y = at::empty({T, D}, B_in.options());
-  if (dense_lora(B_t.scalar_type(), T, E * R, dropout_p)) {  // one GEMM on tensor cores (lora_kernels.cuh)
+  if (dense_lora(B_in.scalar_type(), T, E * R, dropout_p)) {  // one GEMM on tensor cores (lora_kernels.cuh)
     auto zm = at::empty({T, 2 * E * R}, B_in.options());
     const cuda::LoraExpandSplitParams sp{z.const_data_ptr<float>(), ids.const_data_ptr<int32_t>(),
                                          coef.defined() ? coef.const_data_ptr<float>() : nullptr,
                                          zm.data_ptr(), T, k, E, R};
     C10_CUDA_CHECK(cuda::launch_lora_expand_split(sp, c10::cuda::getCurrentCUDAStream()));
-    const auto B_flat = B_t.view({E * R, D});
-    at::mm_out(y, zm, at::cat({B_flat, B_flat}));
+    // [B_t; B_t] [2 E R, D] written in one copy from B's [E, D, R] layout (a view of it).
+    const auto B_t = B_in.transpose(1, 2);
+    at::mm_out(y, zm, at::cat({B_t, B_t}).view({2 * E * R, D}));
     return y;
   }
+  // Rank-major [E, R, D] for coalesced reads (no copy when B is itself a transposed view, as
+  // in the shrink's backward).
+  const auto B_t = B_in.transpose(1, 2).contiguous();
   const cuda::LoraExpandParams p{z.const_data_ptr(), B_t.const_data_ptr(), ids.const_data_ptr<int32_t>(),
                                  data_or_null(coef), y.data_ptr(),       T, D, E, R, k, dropout_p,
                                  dropout_key(seed, stream),
