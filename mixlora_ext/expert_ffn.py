@@ -124,23 +124,21 @@ class ExpertFFN(torch.autograd.Function):
         dx = dG.mm(base.gate_proj.weight)
         dx.addmm_(dU, base.up_proj.weight)
         del dG, dU
-        dAg = dAu = None
-        for A, dz, stream, i in ((Ag, dzg, ops.STREAM_GATE, 2), (Au, dzu, ops.STREAM_UP, 4)):
+
+        def shrink_backward(A, dz, stream, needed):  # dx += drop(dz A); dA if needed
             if A is None:
-                continue
+                return None
             dx.add_(_ops.lora_expand(dz, A.transpose(1, 2), ids, None, p, seed, stream))
-            if need[i]:
-                dA = _ops.lora_weight_grad(dz, x, order, offsets, None, p, seed, stream)
-                if i == 2:
-                    dAg = dA
-                else:
-                    dAu = dA
+            return _ops.lora_weight_grad(dz, x, order, offsets, None, p, seed, stream) if needed else None
+
+        dAg = shrink_backward(Ag, dzg, ops.STREAM_GATE, need[2])
+        dAu = shrink_backward(Au, dzu, ops.STREAM_UP, need[4])
         dlogits = _ops.topk_gating_backward(dweights, grad_probs.contiguous(), weights, ids, probs)
         drouter = dlogits.t().mm(x.to(acc)) if need[1] else None
         dx.add_(dlogits.mm(router.to(acc)).to(x.dtype))
 
-        grads = (drouter, dAg, dBg if Bg is not None else None, dAu,
-                 dBu if Bu is not None else None, dAd if Ad is not None else None, dBd)
+        # (An absent weight's input needs no grad, so its [0]-shaped placeholder is dropped.)
+        grads = (drouter, dAg, dBg, dAu, dBu, dAd, dBd)
         out = [dx]
         for g, dtype, needed in zip(grads, ctx.param_dtypes, need[1:8]):
             out.append(g.to(dtype) if needed and g is not None else None)
