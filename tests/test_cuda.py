@@ -160,8 +160,11 @@ def test_small_every_op(dtype, case):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("name,variant", OP_VARIANTS)
 def test_bitwise_deterministic(name, variant, dtype):
-    args = make_args(name, (1000, 16, 4, 64, 2051) if name in TAKES_I else (4097, 8, 2, 16, 1000),
-                     dtype, variant)
+    assert_deterministic(name, make_args(
+        name, (1000, 16, 4, 64, 2051) if name in TAKES_I else (4097, 8, 2, 16, 1000), dtype, variant))
+
+
+def assert_deterministic(name, args):
     first, second = run_op(name, args), run_op(name, args)
     for a, b in zip(first, second):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
@@ -172,10 +175,7 @@ def test_bitwise_deterministic(name, variant, dtype):
 def test_bitwise_deterministic_tensor_cores(name, variant):
     """The bfloat16 SwiGLU ops at a shape the tensor-core kernels take (I % 8 == 0, r = 16,
     E = 8), over several column tiles (one of 8 columns) and token groups."""
-    args = make_args(name, (4097, 8, 2, 16, 1544), torch.bfloat16, variant)
-    first, second = run_op(name, args), run_op(name, args)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert_deterministic(name, make_args(name, (4097, 8, 2, 16, 1544), torch.bfloat16, variant))
 
 
 @pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
