@@ -172,22 +172,28 @@ def assert_deterministic(name, args):
 
 @pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
 @pytest.mark.parametrize("name", TAKES_I)
-def test_bitwise_deterministic_tensor_cores(name, variant):
-    """The bfloat16 SwiGLU ops at a shape the tensor-core kernels take (I % 8 == 0, r = 16,
-    E = 8), over several column tiles (one of 8 columns) and token groups."""
-    assert_deterministic(name, make_args(name, (4097, 8, 2, 16, 1544), torch.bfloat16, variant))
+@pytest.mark.parametrize("case", [(4097, 8, 2, 16, 1544), (600, 8, 2, 64, 1032)], ids=case_id)
+def test_bitwise_deterministic_tensor_cores(name, variant, case):
+    """The bfloat16 SwiGLU ops at shapes the tensor-core kernels take (I % 8 == 0): r = 16,
+    E = 8 over several column tiles (one of 8 columns) and token groups; r = 64, E = 8, whose
+    backward pass 1 has one shared-memory stage on an H100 (two do not fit)."""
+    assert_deterministic(name, make_args(name, case, torch.bfloat16, variant))
 
 
 @pytest.mark.parametrize("variant", range(len(SWIGLU_VARIANTS)))
 @pytest.mark.parametrize("case", [
     (1000, 8, 2, 32, 1000), (600, 4, 2, 24, 1032), (300, 4, 2, 5, 520),
-    (600, 4, 2, 64, 1032), (600, 4, 2, 48, 1032), (600, 4, 2, 40, 1032), (2500, 2, 2, 64, 4096)],
+    (600, 4, 2, 64, 1032), (600, 4, 2, 48, 1032), (600, 4, 2, 40, 1032), (2500, 2, 2, 64, 4096),
+    (600, 8, 2, 64, 1032), (600, 8, 2, 32, 1032)],
                          ids=case_id)
 def test_swiglu_backward_tensor_core_ranks(case, variant):
     """The bfloat16 tensor-core weight gradients (swiglu_wgrad_mma_kernels.cu) at ranks other
     than 16: 32 (two k-steps), 24 and 5 (zero-padded to the MMA's 16 or 32), 64 and 48 (four and
     three k-steps), 40 (zero-padded to 48); I of 1032 keeps the split z terms within the
-    workspace limit at these ranks, and (2500, 2, 2, 64, 4096) takes two pair splits (partials)."""
+    workspace limit at these ranks, and (2500, 2, 2, 64, 4096) takes two pair splits (partials).
+    Pass 1 (swiglu_mma_kernels.cu) takes the ranks 32 and 64 here: with two shared-memory
+    stages at (2500, 2, 2, 64, 4096) and (600, 8, 2, 32, 1032), with one (two do not fit on an
+    H100) at (600, 4, 2, 64, 1032) and (600, 8, 2, 64, 1032)."""
     assert_accurate("moe_swiglu_backward",
                     make_args("moe_swiglu_backward", case, torch.bfloat16, variant))
 

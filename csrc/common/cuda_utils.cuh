@@ -26,6 +26,7 @@ enum class DType : int { kFloat16 = 5, kFloat32 = 6, kFloat64 = 7, kBFloat16 = 1
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <type_traits>
 
 #include "common/dropout_rng.h"
@@ -221,15 +222,36 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   ldmatrix_x4<kTrans>(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
 }
 
-// Whether the current device has the warp MMAs (mma.sync, bf16) and cp.async: sm_80 or newer.
-inline bool device_has_mma() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    return false;
+// What the launchers ask of the current device: its compute capability's major number and
+// the shared memory one block may opt in to (227 KiB on sm_90, 163 KiB on sm_80). Queried once
+// per device: the launchers ask on every op call, several times, and decode is host-bound.
+// A failed query is not cached (the next call asks again) and reads as "no device".
+struct DeviceCaps {
+  int major = 0;
+  int smem_optin = 0;  // bytes
+};
+
+inline DeviceCaps current_device_caps() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known_major[kMaxDevices], known_smem[kMaxDevices];  // 0: not yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return {};
+  DeviceCaps caps;
+  caps.major = known_major[device].load(std::memory_order_relaxed);
+  caps.smem_optin = known_smem[device].load(std::memory_order_relaxed);
+  if (caps.major > 0 && caps.smem_optin > 0) return caps;
+  if (cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&caps.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
+    return {};
   }
-  return major >= 8;
+  known_major[device].store(caps.major, std::memory_order_relaxed);
+  known_smem[device].store(caps.smem_optin, std::memory_order_relaxed);
+  return caps;
 }
+
+// Whether the current device has the warp MMAs (mma.sync, bf16) and cp.async: sm_80 or newer.
+inline bool device_has_mma() { return current_device_caps().major >= 8; }
 
 // Calls f(scalar_t{}) with the C++ type of `dtype`.
 template <typename F>

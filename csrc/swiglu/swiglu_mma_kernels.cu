@@ -62,10 +62,11 @@ constexpr int kWhStride = kMmaStep + 4;      // row buffer stride (floats): 8 co
                                              // float2 in distinct banks, 16-byte aligned rows
 constexpr int kMmaMaxRank = 64;
 constexpr int kMmaMaxExperts = 64;
-// Dynamic shared memory of a block: up to 110 KiB two blocks fit on an SM (with the static
-// part); more (many experts or ranks: E = 16, r = 64) runs one block of 8 warps per SM, still
-// far ahead of the CUDA-core kernels (bench/NOTES.md v4).
-constexpr size_t kMmaMaxSmem = 220 * 1024;
+// Static shared memory of both kernels (ids_s, weights_s, perm_s); the dynamic part may take
+// what the device lets one block opt in to beyond it. Up to ~110 KiB two blocks fit on an SM;
+// more (many experts or ranks: E = 16, r = 64) runs one block of 8 warps per SM, still far
+// ahead of the CUDA-core kernels (bench/NOTES.md v4, v5).
+constexpr size_t kMmaStaticSmem = 3 * sizeof(int32_t) * kMmaRows;
 
 // threadIdx.x, read where it is used: asm volatile is not hoisted out of loops, so what
 // stage_step derives from it is recomputed each step (~15 instructions) instead of being kept
@@ -88,30 +89,57 @@ __device__ __forceinline__ unsigned warp_or(unsigned v) {
 // [kMmaRows, kWhStride] for two steps (the forward's w * h; the backward's dg and du), z (gate
 // and up) split into hi / lo words by sorted row (only with ranks above 16: else z is held in
 // registers, RegFrags), in the backward grad_zd split into hi / mid / lo words, and
-// two stages, each holding a step's Bg [E, kMmaStep, Rg + kPad], Bu [E, kMmaStep, Ru + kPad],
-// Ad [E, Rd, kColStride] and G, U (and in the backward grad_hbar) [tokens, kColStride] (bf16).
+// `stages` stages (two: the next step's copies fly during this step's math; one where two do
+// not fit, the r = 64 backward), each holding a step's Bg [E, kMmaStep, Rg + kPad],
+// Bu [E, kMmaStep, Ru + kPad], Ad [E, Rd, kColStride] and G, U (and in the backward grad_hbar)
+// [tokens, kColStride] (bf16). Built on the host (mma_layout), passed to the kernels by value.
 struct MmaSmem {
-  int64_t rows, z, gz, stage, stage_bytes;  // byte offsets / sizes
-  int64_t bg, bu, ad, g, u, gh;             // element offsets inside a stage
-  int64_t total;
+  // 32-bit (E, ranks <= 64, so a layout is a few hundred KiB at most): as 64-bit kernel
+  // parameters, the backward's offset math raised its spills.
+  // The row buffers are at offset 0: known at compile time, hence 16-byte aligned, which keeps
+  // combine_pairs' loads 128-bit (at a run-time offset they were scalar: +7% time).
+  int32_t z, gz, stage, stage_bytes;  // byte offsets / sizes
+  int32_t bg, bu, ad, g, u, gh;             // element offsets inside a stage
+  int32_t total;
+  int32_t stages;
 
-  __host__ __device__ MmaSmem(int64_t E, int64_t Rg, int64_t Ru, int64_t Rd, int64_t tokens,
-                              bool backward) {
-    rows = 0;
-    const bool z_regs = (Rg > Ru ? Rg : Ru) <= 16 && Rd <= 16;  // the kernels' R8 == 2
-    z = rows + int64_t(sizeof(float)) * kMmaRows * kWhStride * (backward ? 4 : 2);
-    gz = z + (z_regs ? 0 : int64_t(sizeof(uint32_t)) * kMmaRows * (Rg + Ru));  // hi + lo words
-    stage = gz + (backward ? int64_t(sizeof(uint32_t)) * kMmaRows * 3 * (Rd / 2) : 0);
+  MmaSmem(int64_t E, int64_t Rg, int64_t Ru, int64_t Rd, int64_t tokens, bool backward,
+          int num_stages) {
+    const bool z_regs = std::max(Rg, Ru) <= 16 && Rd <= 16;  // the kernels' R8 == 2
+    const int64_t z_at = int64_t(sizeof(float)) * kMmaRows * kWhStride * (backward ? 4 : 2);
+    const int64_t gz_at = z_at + (z_regs ? 0 : int64_t(sizeof(uint32_t)) * kMmaRows * (Rg + Ru));
+    const int64_t stage_at = gz_at + (backward ? int64_t(sizeof(uint32_t)) * kMmaRows * 3 * (Rd / 2) : 0);
+    const int64_t bu_at = E * kMmaStep * (Rg > 0 ? Rg + kPad : 0);
+    const int64_t ad_at = bu_at + E * kMmaStep * (Ru > 0 ? Ru + kPad : 0);
+    const int64_t g_at = ad_at + E * Rd * kColStride;
+    const int64_t gh_at = g_at + 2 * tokens * kColStride;
+    const int64_t bytes = int64_t(sizeof(bf16)) * (gh_at + (backward ? tokens * kColStride : 0));
+    z = static_cast<int32_t>(z_at);
+    gz = static_cast<int32_t>(gz_at);
+    stage = static_cast<int32_t>(stage_at);
+    stage_bytes = static_cast<int32_t>(bytes);
     bg = 0;
-    bu = bg + E * kMmaStep * (Rg > 0 ? Rg + kPad : 0);
-    ad = bu + E * kMmaStep * (Ru > 0 ? Ru + kPad : 0);
-    g = ad + E * Rd * kColStride;
-    u = g + tokens * kColStride;
-    gh = u + tokens * kColStride;
-    stage_bytes = int64_t(sizeof(bf16)) * (gh + (backward ? tokens * kColStride : 0));
-    total = stage + 2 * stage_bytes;
+    bu = static_cast<int32_t>(bu_at);
+    ad = static_cast<int32_t>(ad_at);
+    g = static_cast<int32_t>(g_at);
+    u = static_cast<int32_t>(g_at + tokens * kColStride);
+    gh = static_cast<int32_t>(gh_at);
+    stages = num_stages;
+    total = static_cast<int32_t>(stage_at + stages * bytes);
   }
 };
+
+// The layout of a block of the forward (backward: pass 1) kernel on the current device: two
+// stages where they fit, else, for ranks above 16 (begin_step), one; stages == 0 otherwise.
+MmaSmem mma_layout(const SwigluInputs& p, bool backward) {
+  const int64_t limit = int64_t(current_device_caps().smem_optin) - int64_t(kMmaStaticSmem);
+  const int min_stages = std::max({p.Rg, p.Ru, p.Rd}) <= 16 ? 2 : 1;
+  for (int stages = 2; stages >= min_stages; --stages) {
+    const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, backward, stages);
+    if (layout.total <= limit) return layout;
+  }
+  return MmaSmem(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, backward, 0);
+}
 
 // A warp's view of its 16 MMA rows. The block's pairs are ordered by expert, so a warp's rows
 // span few experts and the masked MMAs skip the rest.
@@ -328,6 +356,35 @@ __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* gr
   }
 }
 
+// Step c0's start, in the block's step loop (st: 0, 1, 0, .. from col_begin): its tiles landed
+// and seen by every thread, and every thread done with step c0 - kMmaStep's. With two stages
+// the copies of step c0 + kMmaStep go to the other stage now (one barrier per step); with one,
+// step c0's own copies are issued here once the last step's reads are done (two barriers, no
+// overlap of copies and math within the block; only kernels for ranks above 16 take it: in
+// the others the second stage_step raised the spills). Returns step c0's stage.
+template <bool kOneStageOk>
+__device__ __forceinline__ const bf16* begin_step(const SwigluInputs& p, const bf16* grad_hbar,
+                                                  const MmaSmem& L, unsigned char* smem, int st,
+                                                  int64_t t0, int tokens, int64_t c0,
+                                                  int64_t col_begin, int64_t col_end) {
+  // (Stage i by arithmetic, not a pointer array: that would live in local memory and make
+  // every staged read a generic load.)
+  auto stage = [&](int i) { return reinterpret_cast<bf16*>(smem + L.stage + i * L.stage_bytes); };
+  const bool one_stage = kOneStageOk && L.stages == 1;
+  if (one_stage && c0 > col_begin) {
+    __syncthreads();
+    stage_step(p, grad_hbar, L, stage(0), t0, tokens, c0, col_end);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  if (!one_stage && c0 + kMmaStep < col_end) {
+    stage_step(p, grad_hbar, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
+    cp_async_commit();
+  }
+  return stage(one_stage ? 0 : st);
+}
+
 // What both kernels set up once per block: the pairs' experts and weights, their counting sort
 // by expert into rows, z of the gate and up LoRAs split into hi / lo words by row, and the
 // thread's WarpRows.
@@ -434,29 +491,26 @@ __device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, 
 // the time, bench/NOTES.md v4).
 template <int R8, int ACT>
 __global__ void __launch_bounds__(kMmaThreads)
-    moe_swiglu_mma_kernel(MoeSwigluParams p, int64_t tokens_per_block, int64_t block_cols,
-                          float* zd_tiles) {
+    moe_swiglu_mma_kernel(MoeSwigluParams p, MmaSmem L, int64_t tokens_per_block,
+                          int64_t block_cols, float* zd_tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int32_t ids_s[kMmaRows];      // by block pair
   __shared__ float weights_s[kMmaRows];    // by block pair
   __shared__ int32_t perm_s[kMmaRows];     // sorted row -> block pair (-1 past the pairs)
   const int lane = threadIdx.x % kWarpSize, c = lane % 4;
-  const MmaSmem L(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, false);
   // Two row buffers [kMmaRows, kWhStride]: w * h by pair, of even and odd steps.
-  auto wh = [&](int st) { return reinterpret_cast<float*>(smem + L.rows) + st * kMmaRows * kWhStride; };
+  auto wh = [&](int st) { return reinterpret_cast<float*>(smem) + st * kMmaRows * kWhStride; };
   uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);  // [kMmaRows, Rg / 2] (sorted rows)
   uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
   uint32_t* zu_hi = zg_lo + kMmaRows * (p.Rg / 2);            // [kMmaRows, Ru / 2]
   uint32_t* zu_lo = zu_hi + kMmaRows * (p.Ru / 2);
-  // Stage st at smem + L.stage + st * L.stage_bytes (arithmetic, not a pointer array: that
-  // would live in local memory and make every staged read a generic load).
-  auto stage = [&](int st) { return reinterpret_cast<bf16*>(smem + L.stage + st * L.stage_bytes); };
+  bf16* first_stage = reinterpret_cast<bf16*>(smem + L.stage);  // (begin_step has the rest)
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
   const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
   const int64_t col_end = min(p.I, col_begin + block_cols);
   const int k = static_cast<int>(p.k);
-  stage_step(p, nullptr, L, stage(0), t0, tokens, col_begin, col_end);  // flies meanwhile
+  stage_step(p, nullptr, L, first_stage, t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
   const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
                                   zg_lo, zu_hi, zu_lo);
@@ -472,16 +526,10 @@ __global__ void __launch_bounds__(kMmaThreads)
   float zacc[2][R8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
-    cp_async_wait<0>();  // this step's tiles have landed
-    __syncthreads();     // ... for every thread; every thread is done with step c0 - 16
-    if (c0 + kMmaStep < col_end) {
-      stage_step(p, nullptr, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
-      cp_async_commit();
-    }
+    const bf16* S = begin_step<R8 != 2>(p, nullptr, L, smem, st, t0, tokens, c0, col_begin, col_end);
     if (c0 > col_begin) {  // step c0 - 16's rows are complete
       combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
     }
-    const bf16* S = stage(st);
     float* wh_st = wh(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {};  // delta_g, delta_u
@@ -560,9 +608,12 @@ __global__ void __launch_bounds__(kMmaThreads)
 // go to sums: [gridDim.y column tiles, N, 1 + Rg + Ru] partials, or with one column tile
 // straight to the outputs (scaled). R8: ranks up to 8 * R8 (Rg, Ru, Rd; rank blocks of 8 per
 // thread for dzg and dzu); with R8 == 2, z stays in registers (RegFrags). ACT: as in the forward.
+//
+// Ranks above 16 (R8 > 2) leave one block per SM (shared memory, bench/NOTES.md v5), so the
+// register limit is that of one block: no spills.
 template <int R8, int ACT>
-__global__ void __launch_bounds__(kMmaThreads, 2)
-    moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, int64_t tokens_per_block,
+__global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
+    moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, MmaSmem L, int64_t tokens_per_block,
                               int64_t block_cols, float* sums) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int32_t ids_s[kMmaRows];
@@ -571,9 +622,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int lane = threadIdx.x % kWarpSize, c = lane % 4;
   const bool has_gzd = p.grad_zd != nullptr && p.Ad != nullptr;
   const int Rd = has_gzd ? static_cast<int>(p.Rd) : 0;
-  const MmaSmem L(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, true);
   // Row buffers [kMmaRows, kWhStride] by pair: dg and du of even and odd steps.
-  auto dg_buf = [&](int st) { return reinterpret_cast<float*>(smem + L.rows) + 2 * st * kMmaRows * kWhStride; };
+  auto dg_buf = [&](int st) { return reinterpret_cast<float*>(smem) + 2 * st * kMmaRows * kWhStride; };
   auto du_buf = [&](int st) { return dg_buf(st) + kMmaRows * kWhStride; };
   uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);
   uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
@@ -582,15 +632,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   uint32_t* gz_hi = reinterpret_cast<uint32_t*>(smem + L.gz);  // [kMmaRows, Rd / 2] by sorted row
   uint32_t* gz_mid = gz_hi + kMmaRows * (p.Rd / 2);
   uint32_t* gz_lo = gz_mid + kMmaRows * (p.Rd / 2);
-  // Stage st at smem + L.stage + st * L.stage_bytes (arithmetic, not a pointer array: that
-  // would live in local memory and make every staged read a generic load).
-  auto stage = [&](int st) { return reinterpret_cast<bf16*>(smem + L.stage + st * L.stage_bytes); };
   const bf16* grad_hbar = static_cast<const bf16*>(p.grad_hbar);
+  bf16* first_stage = reinterpret_cast<bf16*>(smem + L.stage);  // (begin_step has the rest)
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
   const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
   const int64_t col_end = min(p.I, col_begin + block_cols);
-  stage_step(p, grad_hbar, L, stage(0), t0, tokens, col_begin, col_end);  // flies meanwhile
+  stage_step(p, grad_hbar, L, first_stage, t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
   const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
                                   zg_lo, zu_hi, zu_lo);
@@ -619,19 +667,13 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   float zu_acc[2][R8][2] = {};
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
-    // One barrier per step, as in the forward: dg and du rows of step c0 - 16 are combined
-    // while this step fills the other pair of row buffers.
-    cp_async_wait<0>();
-    __syncthreads();
-    if (c0 + kMmaStep < col_end) {
-      stage_step(p, grad_hbar, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
-      cp_async_commit();
-    }
+    // As in the forward: dg and du rows of step c0 - 16 are combined while this step fills
+    // the other pair of row buffers.
+    const bf16* S = begin_step<R8 != 2>(p, grad_hbar, L, smem, st, t0, tokens, c0, col_begin, col_end);
     if (c0 > col_begin) {
       combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
       combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
     }
-    const bf16* S = stage(st);
     float* dg_st = dg_buf(st);
     float* du_st = du_buf(st);
 
@@ -764,9 +806,8 @@ bool mma_forward_supported(const MoeSwigluParams& p) {
   for (const void* ptr : rows) {
     if (!aligned16(ptr)) return false;  // (null is aligned)
   }
-  const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, false);
-  if (static_cast<size_t>(layout.total) > kMmaMaxSmem) return false;  // many experts or ranks
-  return device_has_mma();
+  if (!device_has_mma()) return false;
+  return mma_layout(p, false).stages > 0;  // not with many experts and ranks
 }
 
 bool mma_backward_supported(const MoeSwigluBackwardParams& p) {
@@ -776,8 +817,7 @@ bool mma_backward_supported(const MoeSwigluBackwardParams& p) {
   if (!mma_forward_supported(as_forward)) return false;
   if (!aligned16(p.dU) || !aligned16(p.grad_hbar)) return false;
   if (p.Rd % 2 != 0) return false;  // grad_zd split in rank pairs
-  const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, true);
-  return static_cast<size_t>(layout.total) <= kMmaMaxSmem;
+  return mma_layout(p, true).stages > 0;
 }
 
 namespace {
@@ -804,11 +844,13 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
   const dim3 grid(static_cast<unsigned>((p.T + tokens_per_block - 1) / tokens_per_block),
                   static_cast<unsigned>(mma_column_tiles(p.T, p.k, p.I)));
   const int64_t block_cols = mma_block_cols(p.T, p.k, p.I);
-  const size_t smem = static_cast<size_t>(MmaSmem(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, false).total);
+  const MmaSmem layout = mma_layout(p, false);
+  if (layout.stages == 0) return cudaErrorInvalidConfiguration;  // (mma_forward_supported)
+  const size_t smem = static_cast<size_t>(layout.total);
   auto launch = [&](auto kernel) {
     const cudaError_t err = allow_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, block_cols, zd_tiles);
+    kernel<<<grid, kMmaThreads, smem, stream>>>(p, layout, tokens_per_block, block_cols, zd_tiles);
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
@@ -827,11 +869,13 @@ cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* s
   const dim3 grid(static_cast<unsigned>((p.T + tokens_per_block - 1) / tokens_per_block),
                   static_cast<unsigned>(mma_column_tiles(p.T, p.k, p.I)));
   const int64_t block_cols = mma_block_cols(p.T, p.k, p.I);
-  const size_t smem = static_cast<size_t>(MmaSmem(p.E, p.Rg, p.Ru, p.Rd, tokens_per_block, true).total);
+  const MmaSmem layout = mma_layout(p, true);
+  if (layout.stages == 0) return cudaErrorInvalidConfiguration;  // (mma_backward_supported)
+  const size_t smem = static_cast<size_t>(layout.total);
   auto launch = [&](auto kernel) {
     const cudaError_t err = allow_dynamic_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    kernel<<<grid, kMmaThreads, smem, stream>>>(p, tokens_per_block, block_cols, sums);
+    kernel<<<grid, kMmaThreads, smem, stream>>>(p, layout, tokens_per_block, block_cols, sums);
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
