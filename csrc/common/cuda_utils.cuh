@@ -222,31 +222,38 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   ldmatrix_x4<kTrans>(r, static_cast<unsigned>(__cvta_generic_to_shared(row)));
 }
 
-// What the launchers ask of the current device: its compute capability's major number and
-// the shared memory one block may opt in to (227 KiB on sm_90, 163 KiB on sm_80). Queried once
-// per device: the launchers ask on every op call, several times, and decode is host-bound.
-// A failed query is not cached (the next call asks again) and reads as "no device".
+// What the launchers ask of the current device: its compute capability's major number, the
+// shared memory one block may opt in to (227 KiB on sm_90, 163 KiB on sm_80) and an SM's
+// (228 / 164 KiB). Queried once per device: the launchers ask on every op call, several times,
+// and decode is host-bound. A failed query is not cached (the next call asks again) and reads
+// as "no device".
 struct DeviceCaps {
   int major = 0;
-  int smem_optin = 0;  // bytes
+  int smem_optin = 0;   // bytes
+  int smem_per_sm = 0;  // bytes
 };
 
 inline DeviceCaps current_device_caps() {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> known_major[kMaxDevices], known_smem[kMaxDevices];  // 0: not yet
+  // 0: not yet known. (Each field is written once with the same value, so relaxed is enough.)
+  static std::atomic<int> known[kMaxDevices][3];
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return {};
-  DeviceCaps caps;
-  caps.major = known_major[device].load(std::memory_order_relaxed);
-  caps.smem_optin = known_smem[device].load(std::memory_order_relaxed);
-  if (caps.major > 0 && caps.smem_optin > 0) return caps;
-  if (cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&caps.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
-    return {};
+  int v[3];
+  for (int i = 0; i < 3; ++i) v[i] = known[device][i].load(std::memory_order_relaxed);
+  if (v[0] == 0 || v[1] == 0 || v[2] == 0) {
+    const cudaDeviceAttr attrs[3] = {cudaDevAttrComputeCapabilityMajor,
+                                     cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                     cudaDevAttrMaxSharedMemoryPerMultiprocessor};
+    for (int i = 0; i < 3; ++i) {
+      if (cudaDeviceGetAttribute(&v[i], attrs[i], device) != cudaSuccess) return {};
+    }
+    for (int i = 0; i < 3; ++i) known[device][i].store(v[i], std::memory_order_relaxed);
   }
-  known_major[device].store(caps.major, std::memory_order_relaxed);
-  known_smem[device].store(caps.smem_optin, std::memory_order_relaxed);
+  DeviceCaps caps;
+  caps.major = v[0];
+  caps.smem_optin = v[1];
+  caps.smem_per_sm = v[2];
   return caps;
 }
 

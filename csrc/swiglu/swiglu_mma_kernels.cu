@@ -130,15 +130,24 @@ struct MmaSmem {
 };
 
 // The layout of a block of the forward (backward: pass 1) kernel on the current device: two
-// stages where they fit, else, for ranks above 16 (begin_step), one; stages == 0 otherwise.
+// stages, unless one stage lets a second block share the SM where two do not (the E = 16
+// backward: 142 KiB with two stages, 97 KiB with one) or two do not fit at all (the r = 64
+// backward); stages == 0 where not even one fits.
 MmaSmem mma_layout(const SwigluInputs& p, bool backward) {
-  const int64_t limit = int64_t(current_device_caps().smem_optin) - int64_t(kMmaStaticSmem);
-  const int min_stages = std::max({p.Rg, p.Ru, p.Rd}) <= 16 ? 2 : 1;
-  for (int stages = 2; stages >= min_stages; --stages) {
-    const MmaSmem layout(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, backward, stages);
-    if (layout.total <= limit) return layout;
-  }
-  return MmaSmem(p.E, p.Rg, p.Ru, p.Rd, kMmaRows / p.k, backward, 0);
+  const DeviceCaps caps = current_device_caps();
+  const int64_t tokens = kMmaRows / p.k;
+  const MmaSmem two(p.E, p.Rg, p.Ru, p.Rd, tokens, backward, 2);
+  const MmaSmem one(p.E, p.Rg, p.Ru, p.Rd, tokens, backward, 1);
+  const int64_t limit = int64_t(caps.smem_optin) - int64_t(kMmaStaticSmem);
+  // Blocks per SM: registers allow two up to rank 16 (128 per thread), one above; each block
+  // also takes the runtime's 1 KiB reserve.
+  const int64_t reg_blocks = std::max({p.Rg, p.Ru, p.Rd}) <= 16 ? 2 : 1;
+  auto blocks = [&](const MmaSmem& L) {
+    return std::min(reg_blocks, int64_t(caps.smem_per_sm) / (L.total + int64_t(kMmaStaticSmem) + 1024));
+  };
+  if (two.total <= limit && (blocks(two) >= blocks(one))) return two;
+  if (one.total <= limit) return one;
+  return MmaSmem(p.E, p.Rg, p.Ru, p.Rd, tokens, backward, 0);
 }
 
 // A warp's view of its 16 MMA rows. The block's pairs are ordered by expert, so a warp's rows
@@ -360,9 +369,10 @@ __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* gr
 // and seen by every thread, and every thread done with step c0 - kMmaStep's. With two stages
 // the copies of step c0 + kMmaStep go to the other stage now (one barrier per step); with one,
 // step c0's own copies are issued here once the last step's reads are done (two barriers, no
-// overlap of copies and math within the block; only kernels for ranks above 16 take it: in
-// the others the second stage_step raised the spills). Returns step c0's stage.
-template <bool kOneStageOk>
+// overlap of copies and math within the block). Returns step c0's stage. STAGES is the
+// layout's, a template argument of the kernels: tested at run time it cost the r = 16
+// backward 5% (bench/NOTES.md v5).
+template <int STAGES>
 __device__ __forceinline__ const bf16* begin_step(const SwigluInputs& p, const bf16* grad_hbar,
                                                   const MmaSmem& L, unsigned char* smem, int st,
                                                   int64_t t0, int tokens, int64_t c0,
@@ -370,17 +380,21 @@ __device__ __forceinline__ const bf16* begin_step(const SwigluInputs& p, const b
   // (Stage i by arithmetic, not a pointer array: that would live in local memory and make
   // every staged read a generic load.)
   auto stage = [&](int i) { return reinterpret_cast<bf16*>(smem + L.stage + i * L.stage_bytes); };
-  const bool one_stage = kOneStageOk && L.stages == 1;
-  if (one_stage && c0 > col_begin) {
-    __syncthreads();
-    stage_step(p, grad_hbar, L, stage(0), t0, tokens, c0, col_end);
-    cp_async_commit();
+  constexpr bool one_stage = STAGES == 1;
+  if constexpr (one_stage) {
+    if (c0 > col_begin) {
+      __syncthreads();
+      stage_step(p, grad_hbar, L, stage(0), t0, tokens, c0, col_end);
+      cp_async_commit();
+    }
   }
   cp_async_wait<0>();
   __syncthreads();
-  if (!one_stage && c0 + kMmaStep < col_end) {
-    stage_step(p, grad_hbar, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
-    cp_async_commit();
+  if constexpr (!one_stage) {
+    if (c0 + kMmaStep < col_end) {
+      stage_step(p, grad_hbar, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
+      cp_async_commit();
+    }
   }
   return stage(one_stage ? 0 : st);
 }
@@ -489,7 +503,7 @@ __device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, 
 // to two row buffers in turn, so that step s combines the rows of step s - 1, complete at the
 // barrier, while the warps fill the other buffer (a second barrier per step stalled ~18% of
 // the time, bench/NOTES.md v4).
-template <int R8, int ACT>
+template <int R8, int ACT, int STAGES>
 __global__ void __launch_bounds__(kMmaThreads)
     moe_swiglu_mma_kernel(MoeSwigluParams p, MmaSmem L, int64_t tokens_per_block,
                           int64_t block_cols, float* zd_tiles) {
@@ -526,7 +540,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   float zacc[2][R8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
-    const bf16* S = begin_step<R8 != 2>(p, nullptr, L, smem, st, t0, tokens, c0, col_begin, col_end);
+    const bf16* S = begin_step<STAGES>(p, nullptr, L, smem, st, t0, tokens, c0, col_begin, col_end);
     if (c0 > col_begin) {  // step c0 - 16's rows are complete
       combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
     }
@@ -611,7 +625,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 //
 // Ranks above 16 (R8 > 2) leave one block per SM (shared memory, bench/NOTES.md v5), so the
 // register limit is that of one block: no spills.
-template <int R8, int ACT>
+template <int R8, int ACT, int STAGES>
 __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, MmaSmem L, int64_t tokens_per_block,
                               int64_t block_cols, float* sums) {
@@ -669,7 +683,7 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
     // As in the forward: dg and du rows of step c0 - 16 are combined while this step fills
     // the other pair of row buffers.
-    const bf16* S = begin_step<R8 != 2>(p, grad_hbar, L, smem, st, t0, tokens, c0, col_begin, col_end);
+    const bf16* S = begin_step<STAGES>(p, grad_hbar, L, smem, st, t0, tokens, c0, col_begin, col_end);
     if (c0 > col_begin) {
       combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
       combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
@@ -832,6 +846,19 @@ int64_t mma_block_cols(int64_t T, int64_t k, int64_t I) {
   return cols;
 }
 
+// f(R8, ACT) (std::integral_constant) for the kernel instance of p's ranks and activation.
+template <typename F>
+cudaError_t by_rank_and_activation(const SwigluInputs& p, F&& f) {
+  using std::integral_constant;
+  const bool small = std::max({p.Rg, p.Ru, p.Rd}) <= 16;
+  if (p.activation == kSilu) {
+    return small ? f(integral_constant<int, 2>{}, integral_constant<int, kSilu>{})
+                 : f(integral_constant<int, kMmaMaxRank / 8>{}, integral_constant<int, kSilu>{});
+  }
+  return small ? f(integral_constant<int, 2>{}, integral_constant<int, kAnyActivation>{})
+               : f(integral_constant<int, kMmaMaxRank / 8>{}, integral_constant<int, kAnyActivation>{});
+}
+
 }  // namespace
 
 int64_t mma_column_tiles(int64_t T, int64_t k, int64_t I) {
@@ -854,13 +881,12 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
-  const bool small = std::max({p.Rg, p.Ru, p.Rd}) <= 16;
-  if (p.activation == kSilu) {
-    return small ? launch(moe_swiglu_mma_kernel<2, kSilu>)
-                 : launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8, kSilu>);
-  }
-  return small ? launch(moe_swiglu_mma_kernel<2, kAnyActivation>)
-               : launch(moe_swiglu_mma_kernel<kMmaMaxRank / 8, kAnyActivation>);
+  auto by_stages = [&](auto r8, auto act) {
+    constexpr int R8 = decltype(r8)::value, ACT = decltype(act)::value;
+    return layout.stages == 1 ? launch(moe_swiglu_mma_kernel<R8, ACT, 1>)
+                              : launch(moe_swiglu_mma_kernel<R8, ACT, 2>);
+  };
+  return by_rank_and_activation(p, by_stages);
 }
 
 cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* sums,
@@ -879,13 +905,12 @@ cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* s
     MIXLORA_RETURN_IF_LAUNCH_FAILED();
     return cudaSuccess;
   };
-  const bool small = std::max({p.Rg, p.Ru, p.Rd}) <= 16;
-  if (p.activation == kSilu) {
-    return small ? launch(moe_swiglu_bwd_mma_kernel<2, kSilu>)
-                 : launch(moe_swiglu_bwd_mma_kernel<kMmaMaxRank / 8, kSilu>);
-  }
-  return small ? launch(moe_swiglu_bwd_mma_kernel<2, kAnyActivation>)
-               : launch(moe_swiglu_bwd_mma_kernel<kMmaMaxRank / 8, kAnyActivation>);
+  auto by_stages = [&](auto r8, auto act) {
+    constexpr int R8 = decltype(r8)::value, ACT = decltype(act)::value;
+    return layout.stages == 1 ? launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 1>)
+                              : launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 2>);
+  };
+  return by_rank_and_activation(p, by_stages);
 }
 
 }  // namespace cuda
