@@ -56,6 +56,15 @@ class ExpertFFN(torch.autograd.Function):
             return ExpertFFN._forward(ctx, x, router, Ag, Bg, Au, Bu, Ad, Bd, layer, dropout_p, seed)
 
     @staticmethod
+    def inference(x: Tensor, router: Tensor, Ag: Optional[Tensor], Bg: Optional[Tensor],
+                  Au: Optional[Tensor], Bu: Optional[Tensor], Ad: Optional[Tensor],
+                  Bd: Optional[Tensor], layer, dropout_p: float, seed: int):
+        """The forward alone, for callers without grad mode: no autograd node, no saved state
+        (nor the pair sort the backward needs)."""
+        with _below_autograd():
+            return ExpertFFN._forward(None, x, router, Ag, Bg, Au, Bu, Ad, Bd, layer, dropout_p, seed)
+
+    @staticmethod
     def _forward(ctx, x, router, Ag, Bg, Au, Bu, Ad, Bd, layer, dropout_p, seed):
         dtype, acc = x.dtype, ops.acc_dtype(x.dtype)
         base = layer.base_layer
@@ -71,8 +80,10 @@ class ExpertFFN(torch.autograd.Function):
         out = F.linear(hbar, base.down_proj.weight, base.down_proj.bias)        # [T, H]
         if Bd is not None:
             out.add_(_ops.lora_expand(zd, Bd_c, ids, weights * layer.scaling, 0.0, 0, 0))
+        if ctx is None:  # ExpertFFN.inference
+            return out, probs, ids
         ctx.mark_non_differentiable(ids)
-        if not any(ctx.needs_input_grad):  # inference: no backward, nothing to sort or keep
+        if not any(ctx.needs_input_grad):  # no backward: nothing to sort or keep
             return out, probs, ids
         # The pairs grouped by expert, for every per-expert sum of the backward (sorted once).
         order, offsets, _ = _ops.sort_pairs(ids, layer.num_experts)

@@ -140,6 +140,15 @@ class MixLoRAFFN(nn.Module):
                 f"experts={self.num_experts}, top_k={self.top_k}, r={self.rank}, "
                 f"targets={list(self.lora_A)}, dora={self.use_dora}")
 
+    def _base_trains(self) -> bool:
+        """Whether a weight or bias of the frozen projections requires grad (the forward reads
+        no other parameter of base_layer; this is cheaper than iterating its parameters())."""
+        base = self.base_layer
+        for proj in (base.gate_proj, base.up_proj, base.down_proj):
+            if proj.weight.requires_grad or (proj.bias is not None and proj.bias.requires_grad):
+                return True
+        return False
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MixLoRAFFN: x must have last dimension {self.hidden_size} "
@@ -156,23 +165,27 @@ class MixLoRAFFN(nn.Module):
         seed = 0
         if dropout_p > 0:  # one fresh seed per forward, from torch's CPU generator (no device sync)
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # host-sync-ok: CPU tensor
-        self.last_dropout_seed = seed
-        if not self.use_dora and not torch.compiler.is_compiling() and \
-                not any(p.requires_grad for p in self.base_layer.parameters()):
+        # (Plain attributes, set past nn.Module.__setattr__: ~7 us each on the host, which
+        # bounds decode; bench/NOTES.md v5.)
+        state = self.__dict__
+        state["last_dropout_seed"] = seed
+        if not self.use_dora and not torch.compiler.is_compiling() and not self._base_trains():
             # Eager: the whole expert FFN as one autograd Function (expert_ffn.py), the same
             # math with far less host work per step than the per-op autograd below, which
             # torch.compile traces instead (it has no host work per op to save) and which also
-            # serves base MLPs that train.
+            # serves base MLPs that train. Without grad mode (inference, generate()) not even
+            # the Function: no autograd node, no backward state.
             A, B = self.lora_A, self.lora_B
-            out, probs, ids = ExpertFFN.apply(
+            run = ExpertFFN.apply if torch.is_grad_enabled() else ExpertFFN.inference
+            out, probs, ids = run(
                 x2, self.router, A.get("gate_proj"), B.get("gate_proj"), A.get("up_proj"),
                 B.get("up_proj"), A.get("down_proj"), B.get("down_proj"), self, dropout_p, seed)
-            self.last_probs, self.last_ids = probs, ids
+            state["last_probs"], state["last_ids"] = probs, ids
             return out.reshape(x.shape)
         acc = ops.acc_dtype(x2.dtype)
         logits = F.linear(x2.to(acc), self.router.to(acc))                          # [T, E]
         weights, ids, probs = ops.topk_gating(logits, self.top_k)                  # [T, k], [T, k], [T, E]
-        self.last_probs, self.last_ids = probs, ids
+        state["last_probs"], state["last_ids"] = probs, ids
         if self.use_dora:
             drop = _make_drop(self, x2, seed if dropout_p > 0 else None)
             return reference_experts(self, x2, weights, ids, drop).reshape(x.shape)
