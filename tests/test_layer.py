@@ -133,6 +133,21 @@ def test_aux_state_kept_from_last_forward():
     torch.testing.assert_close(layer.last_probs.sum(-1), torch.ones(10, dtype=torch.float64))
 
 
+def test_no_grad_forward_is_the_same():
+    """Without grad mode the layer skips the autograd Function (ExpertFFN.inference): the same
+    output bits, routing state without grad, and no graph."""
+    layer = make_layer(num_experts=8, top_k=2)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with_grad = layer(x)
+    ids = layer.last_ids
+    with torch.no_grad():
+        without = layer(x)
+    assert torch.equal(with_grad.detach(), without) and not without.requires_grad
+    assert torch.equal(layer.last_ids, ids) and not layer.last_probs.requires_grad
+    with torch.inference_mode():
+        assert torch.equal(layer(x), without)
+
+
 def test_only_router_and_lora_train():
     layer = make_layer()
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
