@@ -4,8 +4,10 @@
     compute-sanitizer --tool memcheck python3 bench/sanitize_calls.py
 
 moe_swiglu and moe_swiglu_backward (forward, pass 1 and pass 2 on tensor cores: >= 1024 pairs,
-I % 8 == 0) at three shapes, with and without LoRA dropout, and the dense lora_shrink /
-lora_expand (T >= 256, no dropout).
+I % 8 == 0) at five shapes, with and without LoRA dropout (E = 16, r = 16 and E = 8, r = 64:
+pass 1 with one shared-memory stage on an H100), the dense lora_shrink / lora_expand (T >= 256,
+no dropout), and the CUDA-core lora_shrink with dropout (one block per pair and rank group
+below 1024 pairs, one per pair from there).
 """
 import torch
 
@@ -22,7 +24,8 @@ def rn(*shape, dtype=torch.bfloat16):
 
 def main():
     for T, I, E, k, R, p in ((520, 1032, 4, 2, 16, 0.0), (520, 1032, 4, 2, 8, 0.1),
-                             (600, 1040, 8, 2, 16, 0.0)):
+                             (600, 1040, 8, 2, 16, 0.0), (520, 1032, 16, 2, 16, 0.1),
+                             (520, 1032, 8, 2, 64, 0.0)):
         G, U, grad_hbar = rn(T, I), rn(T, I), rn(T, I)
         ids = torch.rand(T, E, device=DEV, generator=GEN).topk(k, dim=1).indices.to(torch.int32)
         w = torch.softmax(rn(T, k, dtype=torch.float32), -1)
@@ -35,6 +38,8 @@ def main():
         x, A = rn(T, 256), 0.05 * rn(E, R, 256)
         z = torch.ops.mixlora.lora_shrink(x, A, ids, 0.0, 0, 0)
         torch.ops.mixlora.lora_expand(z, A.transpose(1, 2), ids, w, 0.0, 0, 0)
+        torch.ops.mixlora.lora_shrink(x, A, ids, 0.1, 3, 0)
+        torch.ops.mixlora.lora_shrink(x[:100], A, ids[:100], 0.1, 3, 0)
     torch.cuda.synchronize()
     print("sanitize_calls.py done")
 

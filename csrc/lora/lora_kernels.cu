@@ -12,6 +12,7 @@ namespace {
 
 constexpr int kRankGroup = 8;         // ranks a thread accumulates per pass
 constexpr int kShrinkThreads = 256;
+constexpr int64_t kShrinkSpreadPairs = 1024;  // pairs below which lora_shrink splits rank groups
 constexpr int kExpandThreads = 128;
 constexpr int kGradRankGroups = 8;    // warps (rank groups) per lora_weight_grad block, at most
 constexpr int kGradRanks = kRankGroup * kGradRankGroups;  // ranks per lora_weight_grad block
@@ -24,11 +25,15 @@ constexpr int64_t kGradWorkspaceBytes = int64_t(64) << 20;  // split partials, a
 constexpr int kSumThreads = 256;
 constexpr int kMaskThreads = 256;
 
-// One block per token t; it owns z[t, :, :]. For each slot j (pair q) it builds q's dropout
-// mask as bits in shared memory (one ballot per 32 columns), then, kRankGroup ranks at a time,
-// each thread sums A[e, r, d] * drop(x)[d] over its columns d (V consecutive ones per step, in
-// order) and the block adds the threads' sums in a fixed tree (warp butterfly, then warps in
-// order).
+// Block (pair q, y): z[q, r0 .. r0 + kRankGroup) for the rank groups r0 = kRankGroup * (y,
+// y + gridDim.y, ..). With dropout it first builds q's mask as bits in shared memory (one
+// ballot per 32 columns); then, a rank group at a time, each thread sums A[e, r, d] *
+// drop(x)[d] over its columns d (V consecutive ones per step, in order) and the block adds the
+// threads' sums in a fixed tree (warp butterfly, then warps in order). Few pairs take one
+// block per rank group (launch_lora_shrink): one block per token left all but T SMs idle at
+// decode (32 us per call at T = 8, H = 4096; bench/NOTES.md v5); many pairs take one block per
+// pair, which builds the mask once (per rank group, it cost 14% at T = 4096 with dropout). The
+// sums, and so the bits, are the same whatever the grid.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(LoraShrinkParams p) {
   using acc_t = acc_of<scalar_t>;
@@ -36,58 +41,55 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(LoraShrinkP
   extern __shared__ uint32_t keep_bits[];  // [ceil(D / 32)], only when dropout is active
   __shared__ acc_t warp_sums[kWarps][kRankGroup];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t t = blockIdx.x;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x) + t * p.D;  // [D]
-  acc_t* z = static_cast<acc_t*>(p.z);                               // [N, R]
+  const int64_t q = blockIdx.x;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x) + (q / p.k) * p.D;  // [D] of q's token
+  acc_t* z = static_cast<acc_t*>(p.z);                                     // [N, R]
   const DropoutScale<acc_t> drop(p.dropout_p, p.key);
-  for (int64_t q = t * p.k; q < (t + 1) * p.k; ++q) {
-    const int32_t e = p.ids[q];
-    assert(e >= 0 && e < p.E);
-    const scalar_t* A = static_cast<const scalar_t*>(p.A) + int64_t(e) * p.R * p.D;  // [R, D]
-    if (drop.active) {
-      // The previous pair's readers of keep_bits passed the barriers of its last block sum.
-      for (int64_t word = warp; word * kWarpSize < p.D; word += kWarps) {
-        const int64_t d = word * kWarpSize + lane;
-        const unsigned bits = __ballot_sync(kFullMask, d < p.D && drop.keep(q * p.D + d));
-        if (lane == 0) keep_bits[word] = bits;
-      }
-      __syncthreads();
+  const int32_t e = p.ids[q];
+  assert(e >= 0 && e < p.E);
+  const scalar_t* A = static_cast<const scalar_t*>(p.A) + int64_t(e) * p.R * p.D;  // [R, D]
+  if (drop.active) {
+    for (int64_t word = warp; word * kWarpSize < p.D; word += kWarps) {
+      const int64_t d = word * kWarpSize + lane;
+      const unsigned bits = __ballot_sync(kFullMask, d < p.D && drop.keep(q * p.D + d));
+      if (lane == 0) keep_bits[word] = bits;
     }
-    for (int64_t r0 = 0; r0 < p.R; r0 += kRankGroup) {
-      acc_t sum[kRankGroup] = {};
-      for (int64_t d = int64_t(threadIdx.x) * V; d < p.D; d += kShrinkThreads * V) {
-        acc_t xv[V];
-        load_acc<V>(x + d, xv);
-        if (drop.active) {
+    __syncthreads();
+  }
+  for (int64_t r0 = int64_t(blockIdx.y) * kRankGroup; r0 < p.R; r0 += int64_t(gridDim.y) * kRankGroup) {
+    acc_t sum[kRankGroup] = {};
+    for (int64_t d = int64_t(threadIdx.x) * V; d < p.D; d += kShrinkThreads * V) {
+      acc_t xv[V];
+      load_acc<V>(x + d, xv);
+      if (drop.active) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) {
-            const bool kept = (keep_bits[(d + v) / kWarpSize] >> ((d + v) % kWarpSize)) & 1u;
-            xv[v] *= kept ? drop.inv_keep : acc_t(0);
-          }
-        }
-#pragma unroll
-        for (int rr = 0; rr < kRankGroup; ++rr) {
-          if (r0 + rr < p.R) {
-            acc_t a[V];
-            load_acc<V>(A + (r0 + rr) * p.D + d, a);
-#pragma unroll
-            for (int v = 0; v < V; ++v) sum[rr] += a[v] * xv[v];
-          }
+        for (int v = 0; v < V; ++v) {
+          const bool kept = (keep_bits[(d + v) / kWarpSize] >> ((d + v) % kWarpSize)) & 1u;
+          xv[v] *= kept ? drop.inv_keep : acc_t(0);
         }
       }
 #pragma unroll
       for (int rr = 0; rr < kRankGroup; ++rr) {
-        const acc_t s = warp_sum(sum[rr]);
-        if (lane == 0) warp_sums[warp][rr] = s;
+        if (r0 + rr < p.R) {
+          acc_t a[V];
+          load_acc<V>(A + (r0 + rr) * p.D + d, a);
+#pragma unroll
+          for (int v = 0; v < V; ++v) sum[rr] += a[v] * xv[v];
+        }
       }
-      __syncthreads();
-      if (threadIdx.x < kRankGroup && r0 + threadIdx.x < p.R) {
-        acc_t total = 0;
-        for (int w = 0; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
-        z[q * p.R + r0 + threadIdx.x] = total;
-      }
-      __syncthreads();  // warp_sums and keep_bits are rewritten next
     }
+#pragma unroll
+    for (int rr = 0; rr < kRankGroup; ++rr) {
+      const acc_t s = warp_sum(sum[rr]);
+      if (lane == 0) warp_sums[warp][rr] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < kRankGroup && r0 + threadIdx.x < p.R) {
+      acc_t total = 0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w][threadIdx.x];
+      z[q * p.R + r0 + threadIdx.x] = total;
+    }
+    __syncthreads();  // warp_sums is rewritten next
   }
 }
 
@@ -335,7 +337,10 @@ cudaError_t launch_lora_shrink(const LoraShrinkParams& p, cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
     const size_t smem = p.dropout_p > 0 ? sizeof(uint32_t) * ((p.D + kWarpSize - 1) / kWarpSize) : 0;
-    const dim3 grid(static_cast<unsigned>(p.T));
+    // One block per pair and rank group while the pairs alone would leave SMs idle.
+    const int64_t rank_groups = (p.R + kRankGroup - 1) / kRankGroup;
+    const dim3 grid(static_cast<unsigned>(p.T * p.k),
+                    static_cast<unsigned>(p.T * p.k < kShrinkSpreadPairs ? rank_groups : 1));
     auto launch = [&](auto kernel) {
       const cudaError_t err = allow_dynamic_smem(kernel, smem);
       if (err != cudaSuccess) return err;
