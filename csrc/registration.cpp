@@ -35,6 +35,12 @@ TORCH_LIBRARY(mixlora, m) {
       "topk_gating_backward(Tensor grad_weights, Tensor? grad_probs, Tensor weights, Tensor ids, "
       "Tensor probs) -> Tensor");
 
+  // x [T, H], weight [E, H] acc -> logits [T, E] acc: x @ weight^T, each sum in column order.
+  m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
+  // grad [T, E] acc -> grad_x [T, H] (x's dtype) = grad @ weight, grad_weight [E, H] acc =
+  // grad^T @ x, summed in token order.
+  m.def("router_logits_backward(Tensor grad, Tensor x, Tensor weight) -> (Tensor grad_x, Tensor grad_weight)");
+
   // Permutation (csrc/permute). ids [T, k] int32 -> order [N] int32 (pair ids grouped by
   // expert, stable), offsets [E + 1] int64, position [N] int32 (inverse of order).
   m.def("sort_pairs(Tensor ids, int num_experts) -> (Tensor order, Tensor offsets, Tensor position)");

@@ -68,7 +68,7 @@ class ExpertFFN(torch.autograd.Function):
     def _forward(ctx, x, router, Ag, Bg, Au, Bu, Ad, Bd, layer, dropout_p, seed):
         dtype, acc = x.dtype, ops.acc_dtype(x.dtype)
         base = layer.base_layer
-        logits = F.linear(x.to(acc), router.to(acc))                            # [T, E]
+        logits = _ops.router_logits(x, router.to(acc))                          # [T, E] acc
         weights, ids, probs = _ops.topk_gating(logits, layer.top_k)             # [T, k] ...
         Ag_c, Bg_c, Au_c, Bu_c, Ad_c, Bd_c = (_cast(w, dtype) for w in (Ag, Bg, Au, Bu, Ad, Bd))
         G = F.linear(x, base.gate_proj.weight, base.gate_proj.bias)             # [T, I]
@@ -145,8 +145,8 @@ class ExpertFFN(torch.autograd.Function):
         dAg = shrink_backward(Ag, dzg, ops.STREAM_GATE, need[2])
         dAu = shrink_backward(Au, dzu, ops.STREAM_UP, need[4])
         dlogits = _ops.topk_gating_backward(dweights, grad_probs.contiguous(), weights, ids, probs)
-        drouter = dlogits.t().mm(x.to(acc)) if need[1] else None
-        dx.add_(dlogits.mm(router.to(acc)).to(x.dtype))
+        dx_router, drouter = _ops.router_logits_backward(dlogits, x, router.to(acc))
+        dx.add_(dx_router)
 
         # (An absent weight's input needs no grad, so its [0]-shaped placeholder is dropped.)
         grads = (drouter, dAg, dBg, dAu, dBu, dAd, dBd)

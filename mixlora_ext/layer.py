@@ -183,7 +183,7 @@ class MixLoRAFFN(nn.Module):
             state["last_probs"], state["last_ids"] = probs, ids
             return out.reshape(x.shape)
         acc = ops.acc_dtype(x2.dtype)
-        logits = F.linear(x2.to(acc), self.router.to(acc))                          # [T, E]
+        logits = ops.router_logits(x2, self.router.to(acc))                        # [T, E]
         weights, ids, probs = ops.topk_gating(logits, self.top_k)                  # [T, k], [T, k], [T, E]
         state["last_probs"], state["last_ids"] = probs, ids
         if self.use_dora:

@@ -45,6 +45,12 @@ def cuda_version() -> int:
 # --------------------------------------------------------------------------------------------
 # Public wrappers
 # --------------------------------------------------------------------------------------------
+def router_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """logits [T, E] acc = x [T, H] @ weight [E, H]^T, weight in x's acc dtype (float32 for 16-bit
+    x: no float32 copy of x is made)."""
+    return _ops.router_logits(x, weight)
+
+
 def topk_gating(logits: Tensor, k: int) -> Tuple[Tensor, Tensor, Tensor]:
     """logits [T, E] -> (weights [T, k] acc, ids [T, k] int32, probs [T, E] acc)."""
     return _ops.topk_gating(logits, k)
@@ -107,6 +113,16 @@ def moe_swiglu(G: Tensor, U: Tensor, ids: Tensor, weights: Tensor,
 # --------------------------------------------------------------------------------------------
 def _empty(like: Tensor, shape, dtype=None) -> Tensor:
     return like.new_empty(shape, dtype=dtype if dtype is not None else like.dtype)
+
+
+@torch.library.register_fake("mixlora::router_logits")
+def _(x, weight):
+    return _empty(x, (x.shape[0], weight.shape[0]), weight.dtype)
+
+
+@torch.library.register_fake("mixlora::router_logits_backward")
+def _(grad, x, weight):
+    return _empty(x, x.shape), _empty(weight, weight.shape)
 
 
 @torch.library.register_fake("mixlora::topk_gating")
@@ -215,6 +231,21 @@ def _gating_backward(ctx, grad_weights, _grad_ids, grad_probs):
 
 
 torch.library.register_autograd("mixlora::topk_gating", _gating_backward, setup_context=_gating_setup)
+
+
+# router_logits -------------------------------------------------------------------------------
+def _router_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _router_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight = _ops.router_logits_backward(grad.contiguous(), x, weight)
+    return (grad_x if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None)
+
+
+torch.library.register_autograd("mixlora::router_logits", _router_backward, setup_context=_router_setup)
 
 
 # gather_pairs / scatter_pairs / pair_dot -----------------------------------------------------

@@ -24,6 +24,8 @@ SWIGLU_VARIANTS = (
 
 # op name -> (number of variants, takes a floating input whose dtype the test chooses)
 VARIANTS = {
+    "router_logits": (1, True),
+    "router_logits_backward": (1, True),
     "topk_gating": (1, True),
     "topk_gating_backward": (2, True),
     "sort_pairs": (1, False),
@@ -61,6 +63,13 @@ class OpInputs:
         return (torch.randn(T, E, device=self.device) * 48).round().clamp(-250, 250).div(64).to(dtype)
 
     # --- one builder per op ------------------------------------------------------------------
+    def router_logits(self, T, E, k, R, D, dtype, variant):
+        return self.randn(T, D, dtype=dtype), self.randn(E, D, dtype=ref.acc_dtype(dtype))
+
+    def router_logits_backward(self, T, E, k, R, D, dtype, variant):
+        acc = ref.acc_dtype(dtype)
+        return self.randn(T, E, dtype=acc), self.randn(T, D, dtype=dtype), self.randn(E, D, dtype=acc)
+
     def topk_gating(self, T, E, k, R, D, dtype, variant):
         return self.tie_logits(T, E, dtype), k
 

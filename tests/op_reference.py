@@ -34,6 +34,14 @@ def dropout_scale(like, seed, stream, T, k, D, p, dtype):
 
 
 # --- gating ------------------------------------------------------------------------------
+def ref_router_logits(x, weight):
+    return x.to(weight.dtype) @ weight.t()
+
+
+def ref_router_logits_backward(grad, x, weight):
+    return (grad @ weight).to(x.dtype), grad.t() @ x.to(weight.dtype)
+
+
 def ref_topk_gating(logits, k):
     probs = torch.softmax(logits.to(acc_dtype(logits.dtype)), dim=-1)  # [T, E]
     # A stable descending sort puts the lower expert first among equal probs.

@@ -202,6 +202,10 @@ def out_of_range(t):
 
 # (op, variant, {argument: new value or function of the valid value}, expected message)
 BAD_INPUTS = [
+    ("router_logits", 0, dict(x=torch.randn(4)), r"x must be 2-D"),
+    ("router_logits", 0, dict(weight=lambda t: t.float()), r"weight must be Double"),
+    ("router_logits", 0, dict(weight=lambda t: t[:, :1]), r"weight must have shape"),
+    ("router_logits_backward", 0, dict(grad=lambda t: t[:1]), r"grad must have shape"),
     ("topk_gating", 0, dict(logits=torch.randn(4)), r"logits must be 2-D"),
     ("topk_gating", 0, dict(logits=lambda t: t.int()), r"logits must be a floating tensor"),
     ("topk_gating", 0, dict(logits=torch.randn(4, 0)), r"logits must have E >= 1"),

@@ -18,6 +18,13 @@ def _gradcheck(fn, *inputs):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T,E,H", [(1, 1, 3), (7, 8, 5), (0, 4, 6)])
+def test_router_logits_gradcheck(T, E, H):
+    x = torch.randn(T, H, **F64, requires_grad=True)
+    weight = torch.randn(E, H, **F64, requires_grad=True)
+    _gradcheck(ops.router_logits, x, weight)
+
+
 @pytest.mark.parametrize("T,E,k", [(5, 1, 1), (7, 4, 2), (6, 8, 3), (4, 5, 5)])
 def test_topk_gating_gradcheck_with_aux_path(T, E, k):
     logits = torch.randn(T, E, **F64, requires_grad=True)

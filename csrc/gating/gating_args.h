@@ -34,4 +34,21 @@ inline void check_topk_gating_backward(const at::Tensor& grad_weights,
   if (grad_probs.has_value()) check_tensor("grad_probs", *grad_probs, {T, E}, acc, probs);
 }
 
+// x [T, H] floating, weight [E, H] acc (of x's dtype), E >= 1.
+inline void check_router_logits(const at::Tensor& x, const at::Tensor& weight) {
+  MIXLORA_CHECK_DIM("x", x, 2);
+  MIXLORA_CHECK_FLOAT("x", x);
+  MIXLORA_CHECK_DIM("weight", weight, 2);
+  TORCH_CHECK(weight.size(0) >= 1, "mixlora: weight must have E >= 1 rows, got shape ",
+              weight.sizes());
+  check_tensor("weight", weight, {weight.size(0), x.size(1)}, acc_type(x.scalar_type()), x);
+}
+
+// grad [T, E] acc, x [T, H], weight [E, H] acc.
+inline void check_router_logits_backward(const at::Tensor& grad, const at::Tensor& x,
+                                         const at::Tensor& weight) {
+  check_router_logits(x, weight);
+  check_tensor("grad", grad, {x.size(0), weight.size(0)}, weight.scalar_type(), x);
+}
+
 }  // namespace mixlora

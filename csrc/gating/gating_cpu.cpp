@@ -105,11 +105,78 @@ at::Tensor topk_gating_backward_cpu(const at::Tensor& grad_weights_in,
   return grad_logits;
 }
 
+// One task per token: logits[t, e] = sum_h x[t, h] * weight[e, h], h ascending.
+at::Tensor router_logits_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  check_router_logits(x_in, weight_in);
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
+  auto logits = at::empty({T, E}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_logits", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const acc_t* w = weight.const_data_ptr<acc_t>();
+    acc_t* out = logits.data_ptr<acc_t>();
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t e = 0; e < E; ++e) {
+          acc_t sum = 0;
+          for (int64_t h = 0; h < H; ++h) sum += static_cast<acc_t>(xs[t * H + h]) * w[e * H + h];
+          out[t * E + e] = sum;
+        }
+      }
+    });
+  });
+  return logits;
+}
+
+// grad_x: one task per token, e ascending; grad_weight: one task per column h, t ascending.
+std::tuple<at::Tensor, at::Tensor> router_logits_backward_cpu(const at::Tensor& grad_in,
+                                                              const at::Tensor& x_in,
+                                                              const at::Tensor& weight_in) {
+  check_router_logits_backward(grad_in, x_in, weight_in);
+  const auto grad = grad_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
+  auto grad_x = at::empty({T, H}, x.options());
+  auto grad_weight = at::empty({E, H}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "router_logits_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    const acc_t* w = weight.const_data_ptr<acc_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    acc_t* gw = grad_weight.data_ptr<acc_t>();
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          acc_t sum = 0;
+          for (int64_t e = 0; e < E; ++e) sum += g[t * E + e] * w[e * H + h];
+          gx[t * H + h] = static_cast<scalar_t>(sum);
+        }
+      }
+    });
+    at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        for (int64_t e = 0; e < E; ++e) {
+          acc_t sum = 0;
+          for (int64_t t = 0; t < T; ++t) sum += g[t * E + e] * static_cast<acc_t>(xs[t * H + h]);
+          gw[e * H + h] = sum;
+        }
+      }
+    });
+  });
+  return {grad_x, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixlora, CPU, m) {
   m.impl("topk_gating", &topk_gating_cpu);
   m.impl("topk_gating_backward", &topk_gating_backward_cpu);
+  m.impl("router_logits", &router_logits_cpu);
+  m.impl("router_logits_backward", &router_logits_backward_cpu);
 }
 
 }  // namespace mixlora

@@ -57,11 +57,55 @@ at::Tensor topk_gating_backward_cuda(const at::Tensor& grad_weights_in,
   return grad_logits;
 }
 
+at::Tensor router_logits_cuda(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  check_router_logits(x_in, weight_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
+  if (H == 0) return at::zeros({T, E}, weight.options());  // empty sums
+  auto logits = at::empty({T, E}, weight.options());
+  const cuda::RouterLogitsParams p{x.const_data_ptr(), weight.const_data_ptr(), logits.data_ptr(),
+                                   T, H, E, static_cast<cuda::DType>(x.scalar_type())};
+  C10_CUDA_CHECK(cuda::launch_router_logits(p, c10::cuda::getCurrentCUDAStream()));
+  return logits;
+}
+
+std::tuple<at::Tensor, at::Tensor> router_logits_backward_cuda(const at::Tensor& grad_in,
+                                                               const at::Tensor& x_in,
+                                                               const at::Tensor& weight_in) {
+  check_router_logits_backward(grad_in, x_in, weight_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto grad = grad_in.contiguous();
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
+  auto grad_x = at::empty({T, H}, x.options());
+  auto grad_weight = at::empty({E, H}, weight.options());
+  if (H == 0) return {grad_x, grad_weight};
+  const int64_t ws = cuda::router_backward_workspace_elems(T, H, E);
+  const auto workspace = ws > 0 ? at::empty({ws}, weight.options()) : at::Tensor();
+  const cuda::RouterLogitsBackwardParams p{grad.const_data_ptr(),
+                                           x.const_data_ptr(),
+                                           weight.const_data_ptr(),
+                                           grad_x.data_ptr(),
+                                           grad_weight.data_ptr(),
+                                           ws > 0 ? workspace.data_ptr() : nullptr,
+                                           T,
+                                           H,
+                                           E,
+                                           static_cast<cuda::DType>(x.scalar_type())};
+  C10_CUDA_CHECK(cuda::launch_router_logits_backward(p, c10::cuda::getCurrentCUDAStream()));
+  return {grad_x, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixlora, CUDA, m) {
   m.impl("topk_gating", &topk_gating_cuda);
   m.impl("topk_gating_backward", &topk_gating_backward_cuda);
+  m.impl("router_logits", &router_logits_cuda);
+  m.impl("router_logits_backward", &router_logits_backward_cuda);
 }
 
 }  // namespace mixlora

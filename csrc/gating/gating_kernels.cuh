@@ -12,6 +12,32 @@
 namespace mixlora {
 namespace cuda {
 
+// logits [T, E] acc = x [T, H] @ weight [E, H]^T: x read in its own dtype (no float32 copy).
+struct RouterLogitsParams {
+  const void* x;       // [T, H] dtype
+  const void* weight;  // [E, H] acc
+  void* logits;        // [T, E] acc
+  int64_t T, H, E;
+  DType dtype;
+};
+cudaError_t launch_router_logits(const RouterLogitsParams& p, cudaStream_t stream);
+
+// grad_x [T, H] dtype = grad @ weight (rounded once); grad_weight [E, H] acc = grad^T @ x, in
+// token order: per split of kRouterSplitTokens tokens, the splits' partials (workspace) added
+// in split order.
+struct RouterLogitsBackwardParams {
+  const void* grad;    // [T, E] acc
+  const void* x;       // [T, H] dtype
+  const void* weight;  // [E, H] acc
+  void* grad_x;        // [T, H] dtype
+  void* grad_weight;   // [E, H] acc
+  void* workspace;     // router_backward_workspace_elems(T, H, E) acc, or null when 0
+  int64_t T, H, E;
+  DType dtype;
+};
+int64_t router_backward_workspace_elems(int64_t T, int64_t H, int64_t E);
+cudaError_t launch_router_logits_backward(const RouterLogitsBackwardParams& p, cudaStream_t stream);
+
 // probs = softmax(logits); ids = the k most probable experts (prob desc, index asc);
 // weights = probs[ids] / sum_j probs[ids[j]].
 struct TopkGatingParams {
