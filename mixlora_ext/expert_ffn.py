@@ -68,11 +68,13 @@ class ExpertFFN(torch.autograd.Function):
     def _forward(ctx, x, router, Ag, Bg, Au, Bu, Ad, Bd, layer, dropout_p, seed):
         dtype, acc = x.dtype, ops.acc_dtype(x.dtype)
         base = layer.base_layer
+        # The frozen GEMMs first: the GPU runs them while the host issues the small ops below
+        # (issued after them, those left the GPU idle for their host time: bench/NOTES.md v5c).
+        G = F.linear(x, base.gate_proj.weight, base.gate_proj.bias)             # [T, I]
+        U = F.linear(x, base.up_proj.weight, base.up_proj.bias)
         logits = _ops.router_logits(x, router.to(acc))                          # [T, E] acc
         weights, ids, probs = _ops.topk_gating(logits, layer.top_k)             # [T, k] ...
         Ag_c, Bg_c, Au_c, Bu_c, Ad_c, Bd_c = (_cast(w, dtype) for w in (Ag, Bg, Au, Bu, Ad, Bd))
-        G = F.linear(x, base.gate_proj.weight, base.gate_proj.bias)             # [T, I]
-        U = F.linear(x, base.up_proj.weight, base.up_proj.bias)
         zg = _ops.lora_shrink(x, Ag_c, ids, dropout_p, seed, ops.STREAM_GATE) if Ag is not None else None
         zu = _ops.lora_shrink(x, Au_c, ids, dropout_p, seed, ops.STREAM_UP) if Au is not None else None
         hbar, zd = _ops.moe_swiglu(G, U, ids, weights, zg, Bg_c, zu, Bu_c, Ad_c, layer.scaling,
@@ -109,6 +111,7 @@ class ExpertFFN(torch.autograd.Function):
         acc = ops.acc_dtype(x.dtype)
         need = ctx.needs_input_grad
         grad_out = grad_out.contiguous()
+        dhbar = grad_out.mm(base.down_proj.weight)  # [T, I]; first, as in the forward
 
         # Down LoRA (lora_expand with coef = weights * s, no dropout): its z and coef gradients
         # (a shrink through Bd^T) and dBd.
@@ -121,7 +124,6 @@ class ExpertFFN(torch.autograd.Function):
             dweights.add_((g * zd).sum(-1), alpha=s)
             if need[7]:
                 dBd = _ops.lora_weight_grad(zd, grad_out, order, offsets, coef, 0.0, 0, 0).transpose(1, 2)
-        dhbar = grad_out.mm(base.down_proj.weight)                             # [T, I]
 
         # The fused SwiGLU: dG, dU, the routing weights' share, dz and the expert weights.
         dG, dU, dw, dzg, dzu, dBg, dBu, dAd = _ops.moe_swiglu_backward(
