@@ -79,9 +79,14 @@ class ExpertFFN(torch.autograd.Function):
         zu = _ops.lora_shrink(x, Au_c, ids, dropout_p, seed, ops.STREAM_UP) if Au is not None else None
         hbar, zd = _ops.moe_swiglu(G, U, ids, weights, zg, Bg_c, zu, Bu_c, Ad_c, layer.scaling,
                                    layer.activation, dropout_p, seed)           # [T, I], [T, k, r]
-        out = F.linear(hbar, base.down_proj.weight, base.down_proj.bias)        # [T, H]
-        if Bd is not None:
-            out.add_(_ops.lora_expand(zd, Bd_c, ids, weights * layer.scaling, 0.0, 0, 0))
+        down = base.down_proj
+        if Bd is not None:  # the down LoRA, then the frozen GEMM onto it (beta = 1: no add pass)
+            out = _ops.lora_expand(zd, Bd_c, ids, weights * layer.scaling, 0.0, 0, 0)  # [T, H]
+            out.addmm_(hbar, down.weight.t())
+            if down.bias is not None:
+                out.add_(down.bias)
+        else:
+            out = F.linear(hbar, down.weight, down.bias)                        # [T, H]
         if ctx is None:  # ExpertFFN.inference
             return out, probs, ids
         ctx.mark_non_differentiable(ids)
@@ -132,9 +137,11 @@ class ExpertFFN(torch.autograd.Function):
         dweights.add_(dw)
         del dhbar, grad_zd, dw  # ([T, I]: not held while dx is formed; the peak is in this pass)
 
-        # dx: the frozen projections, the gate / up shrinks (expands through A^T with the
-        # forward's masks), the router; accumulated in place.
-        dx = dG.mm(base.gate_proj.weight)
+        # dx: the router's term, the frozen projections accumulated onto it by their GEMMs
+        # (beta = 1), then the gate / up shrinks' (expands through A^T with the forward's masks).
+        dlogits = _ops.topk_gating_backward(dweights, grad_probs.contiguous(), weights, ids, probs)
+        dx, drouter = _ops.router_logits_backward(dlogits, x, router.to(acc))
+        dx.addmm_(dG, base.gate_proj.weight)
         dx.addmm_(dU, base.up_proj.weight)
         del dG, dU
 
@@ -146,9 +153,6 @@ class ExpertFFN(torch.autograd.Function):
 
         dAg = shrink_backward(Ag, dzg, ops.STREAM_GATE, need[2])
         dAu = shrink_backward(Au, dzu, ops.STREAM_UP, need[4])
-        dlogits = _ops.topk_gating_backward(dweights, grad_probs.contiguous(), weights, ids, probs)
-        dx_router, drouter = _ops.router_logits_backward(dlogits, x, router.to(acc))
-        dx.add_(dx_router)
 
         # (An absent weight's input needs no grad, so its [0]-shaped placeholder is dropped.)
         grads = (drouter, dAg, dBg, dAu, dBu, dAd, dBd)
