@@ -6,8 +6,9 @@
 moe_swiglu and moe_swiglu_backward (forward, pass 1 and pass 2 on tensor cores: >= 1024 pairs,
 I % 8 == 0) at five shapes, with and without LoRA dropout (E = 16, r = 16 and E = 8, r = 64:
 pass 1 with one shared-memory stage on an H100), the dense lora_shrink / lora_expand (T >= 256,
-no dropout), and the CUDA-core lora_shrink with dropout (one block per pair and rank group
-below 1024 pairs, one per pair from there).
+no dropout), the CUDA-core lora_shrink with dropout (one block per pair and rank group
+below 1024 pairs, one per pair from there), and router_logits with its backward (one and
+several token splits).
 """
 import torch
 
@@ -40,6 +41,10 @@ def main():
         torch.ops.mixlora.lora_expand(z, A.transpose(1, 2), ids, w, 0.0, 0, 0)
         torch.ops.mixlora.lora_shrink(x, A, ids, 0.1, 3, 0)
         torch.ops.mixlora.lora_shrink(x[:100], A, ids[:100], 0.1, 3, 0)
+        W, g = rn(E, 256, dtype=torch.float32), rn(T, E, dtype=torch.float32)
+        torch.ops.mixlora.router_logits(x, W)
+        torch.ops.mixlora.router_logits_backward(g, x, W)
+        torch.ops.mixlora.router_logits_backward(g[:20], x[:20], W)
     torch.cuda.synchronize()
     print("sanitize_calls.py done")
 
