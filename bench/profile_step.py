@@ -2,6 +2,7 @@
 
     python bench/profile_step.py --T 8            # decode-sized forward and forward+backward
     python bench/profile_step.py --T 4096
+    python bench/profile_step.py --T 4096 --dropout 0.05   # LoRA dropout on (training mode)
 
 Prints, for the forward and for forward+backward: the median wall time (CUDA events), the
 median time of the same step replayed from a CUDA graph (no host work: the difference is launch
@@ -24,11 +25,12 @@ def main():
     ap.add_argument("--E", type=int, default=8)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (the layer is in training mode)")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = DenseMLP(a.H, a.I).cuda().to(torch.bfloat16).requires_grad_(False)
     layer = MixLoRAFFN(base, MixLoRAConfig(num_experts=a.E, top_k=2, r=a.r, lora_alpha=2 * a.r,
-                                           lora_dropout=0.0)).cuda()
+                                           lora_dropout=a.dropout)).cuda()
     x = torch.randn(a.T, a.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
 
@@ -55,7 +57,7 @@ def main():
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(f"\n== {name}, T={a.T} H={a.H} I={a.I} E={a.E} r={a.r} bf16: eager {eager:.3f} ms, "
+        print(f"\n== {name}, T={a.T} H={a.H} I={a.I} E={a.E} r={a.r} dropout={a.dropout} bf16: eager {eager:.3f} ms, "
               f"CUDA-graph replay {replay:.3f} ms")
         rows = [e for e in prof.key_averages() if e.self_device_time_total > 0]
         rows.sort(key=lambda e: -e.self_device_time_total)

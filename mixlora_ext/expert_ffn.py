@@ -145,21 +145,25 @@ class ExpertFFN(torch.autograd.Function):
         dx.addmm_(dU, base.up_proj.weight)
         del dG, dU
 
-        def shrink_backward(A, dz, stream, needed):  # dx += drop(dz A) (unless merged); dA if needed
+        def shrink_backward(A, dz, stream, needed):  # dx += drop(dz A); dA if needed
             if A is None:
                 return None
-            if not merged:
-                dx.add_(_ops.lora_expand(dz, A.transpose(1, 2), ids, None, p, seed, stream))
+            dx.add_(_ops.lora_expand(dz, A.transpose(1, 2), ids, None, p, seed, stream))
             return _ops.lora_weight_grad(dz, x, order, offsets, None, p, seed, stream) if needed else None
 
-        # Without dropout both shrinks' terms are one expand over the two LoRAs' ranks side by
-        # side (one expand and one add fewer: ~0.045 ms at T = 4096, bench/NOTES.md v5e).
-        merged = p == 0 and Ag is not None and Au is not None
-        if merged:
-            dx.add_(_ops.lora_expand(torch.cat([dzg, dzu], -1), torch.cat([Ag, Au], 1).transpose(1, 2),
-                                     ids, None, 0.0, 0, 0))
-        dAg = shrink_backward(Ag, dzg, ops.STREAM_GATE, need[2])
-        dAu = shrink_backward(Au, dzu, ops.STREAM_UP, need[4])
+        if p == 0 and Ag is not None and Au is not None:
+            # Without dropout both shrinks see the same x: their dx terms are one expand and
+            # their weight gradients one lora_weight_grad, over the two LoRAs' ranks side by
+            # side (one pass over x and one [T, H] add fewer; bench/NOTES.md v5e).
+            Rg = Ag.shape[1]
+            dz = torch.cat([dzg, dzu], -1)                                       # [T, k, Rg + Ru]
+            dx.add_(_ops.lora_expand(dz, torch.cat([Ag, Au], 1).transpose(1, 2), ids, None, 0.0, 0, 0))
+            dA = _ops.lora_weight_grad(dz, x, order, offsets, None, 0.0, 0, 0) if need[2] or need[4] else None
+            dAg = dA[:, :Rg].contiguous() if need[2] else None
+            dAu = dA[:, Rg:].contiguous() if need[4] else None
+        else:
+            dAg = shrink_backward(Ag, dzg, ops.STREAM_GATE, need[2])
+            dAu = shrink_backward(Au, dzu, ops.STREAM_UP, need[4])
 
         # (An absent weight's input needs no grad, so its [0]-shaped placeholder is dropped.)
         grads = (drouter, dAg, dBg, dAu, dBu, dAd, dBd)
