@@ -198,6 +198,19 @@ def test_swiglu_backward_tensor_core_ranks(case, variant):
                     make_args("moe_swiglu_backward", case, torch.bfloat16, variant))
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+def test_lora_shrink_dense_with_dropout(offset):
+    """bf16 lora_shrink with dropout and >= 256 pairs takes the masked-rows GEMM (lora_cuda.cpp);
+    x at a 2-byte storage offset (contiguous, not 16-byte aligned) takes its scalar copy."""
+    T, E, k, R, D = 300, 8, 2, 16, 1032
+    x, A, ids, p, seed, stream = make_args("lora_shrink", (T, E, k, R, D), torch.bfloat16, 1)
+    flat = torch.empty(T * D + offset, dtype=torch.bfloat16, device=DEV)
+    flat[offset:].copy_(x.reshape(-1))
+    x = flat[offset:].view(T, D)
+    assert p > 0 and x.is_contiguous()
+    assert_accurate("lora_shrink", (x, A, ids, p, seed, stream))
+
+
 # --- routing extremes ----------------------------------------------------------------------
 def skewed_ids(T, E, k):
     """Every token on the same k experts (k + 1 .. E - 1 and 0 empty)."""

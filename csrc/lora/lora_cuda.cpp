@@ -26,6 +26,14 @@ bool dense_lora(at::ScalarType dtype, int64_t T, int64_t cols, double dropout_p)
   return dtype == at::kBFloat16 && dropout_p == 0 && T >= kDenseMinTokens && cols <= kDenseMaxCols;
 }
 
+// The shrink with dropout has a dense form too: its GEMM's rows are the pairs' masked x
+// (LoraMaskRowsParams: [N, D], 2 k bytes per element of x, temporary). On the H100 at T = 4096,
+// D = 4096, E R = 128 the CUDA-core kernel took 0.25 ms per call (each pair re-reads its
+// expert's A); bench/NOTES.md v5f.
+bool dense_masked_shrink(at::ScalarType dtype, int64_t pairs, int64_t cols, double dropout_p) {
+  return dtype == at::kBFloat16 && dropout_p > 0 && pairs >= kDenseMinTokens && cols <= kDenseMaxCols;
+}
+
 // at::mm(a, b, out_dtype) (bf16 in, fp32 out on CUDA), which the dense shrink needs, came with
 // PyTorch 2.9; older versions keep the shrink kernels.
 #if (TORCH_VERSION_MAJOR > 2) || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
@@ -48,8 +56,21 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& A_in,
   if (dense_lora(x.scalar_type(), T, E * R, dropout_p)) {  // one GEMM (lora_kernels.cuh)
     const auto z_all = at::mm(x, A.view({E * R, D}).t(), at::kFloat);
     const cuda::LoraShrinkGatherParams gp{z_all.const_data_ptr<float>(), ids.const_data_ptr<int32_t>(),
-                                          z.data_ptr<float>(), T, k, E, R};
+                                          z.data_ptr<float>(), T, k, E, R, 1.f};
     C10_CUDA_CHECK(cuda::launch_lora_shrink_gather(gp, c10::cuda::getCurrentCUDAStream()));
+    return z;
+  }
+  if (dense_masked_shrink(x.scalar_type(), T * k, E * R, dropout_p)) {  // masked rows, one GEMM
+    const auto stream_now = c10::cuda::getCurrentCUDAStream();
+    auto xm = at::empty({T * k, D}, x.options());
+    const cuda::LoraMaskRowsParams mp{x.const_data_ptr(), xm.data_ptr(), T, k, D, dropout_p,
+                                      dropout_key(seed, stream)};
+    C10_CUDA_CHECK(cuda::launch_lora_mask_rows(mp, stream_now));
+    const auto z_all = at::mm(xm, A.view({E * R, D}).t(), at::kFloat);  // [N, E R]
+    const DropoutScale<float> drop(dropout_p, 0);
+    const cuda::LoraShrinkGatherParams gp{z_all.const_data_ptr<float>(), ids.const_data_ptr<int32_t>(),
+                                          z.data_ptr<float>(), T * k, 1, E, R, drop.inv_keep};
+    C10_CUDA_CHECK(cuda::launch_lora_shrink_gather(gp, stream_now));
     return z;
   }
 #endif

@@ -406,7 +406,30 @@ __global__ void __launch_bounds__(kSplitThreads) lora_shrink_gather_kernel(LoraS
   const int64_t q = i / p.R, r = i % p.R, t = q / p.k;
   const int32_t e = p.ids[q];
   assert(e >= 0 && e < p.E);
-  p.z[i] = p.z_all[(t * p.E + e) * p.R + r];
+  p.z[i] = p.scale * p.z_all[(t * p.E + e) * p.R + r];
+}
+
+// Thread: 8 consecutive columns of one pair row (16-byte accesses where D % 8 == 0 and x is
+// 16-byte aligned; xm is a fresh allocation).
+__global__ void __launch_bounds__(kSplitThreads) lora_mask_rows_kernel(LoraMaskRowsParams p) {
+  const int64_t groups = (p.D + 7) / 8;
+  const int64_t i = int64_t(blockIdx.x) * kSplitThreads + threadIdx.x;
+  if (i >= p.T * p.k * groups) return;
+  const int64_t q = i / groups, d0 = (i % groups) * 8;
+  const DropoutScale<float> drop(p.dropout_p, p.key);
+  const uint16_t* src = static_cast<const uint16_t*>(p.x) + (q / p.k) * p.D;
+  uint16_t* dst = static_cast<uint16_t*>(p.xm) + q * p.D;
+  if (p.D % 8 == 0 && aligned16(p.x)) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(src + d0);
+    const uint16_t* in = reinterpret_cast<const uint16_t*>(&raw);
+    uint4 out_raw;
+    uint16_t* out = reinterpret_cast<uint16_t*>(&out_raw);
+#pragma unroll
+    for (int v = 0; v < 8; ++v) out[v] = drop.keep(q * p.D + d0 + v) ? in[v] : uint16_t(0);
+    *reinterpret_cast<uint4*>(dst + d0) = out_raw;
+  } else {
+    for (int64_t d = d0; d < min(d0 + 8, p.D); ++d) dst[d] = drop.keep(q * p.D + d) ? src[d] : uint16_t(0);
+  }
 }
 
 }  // namespace
@@ -416,6 +439,15 @@ cudaError_t launch_lora_shrink_gather(const LoraShrinkGatherParams& p, cudaStrea
   if (n == 0) return cudaSuccess;
   lora_shrink_gather_kernel<<<static_cast<unsigned>((n + kSplitThreads - 1) / kSplitThreads),
                               kSplitThreads, 0, stream>>>(p);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+cudaError_t launch_lora_mask_rows(const LoraMaskRowsParams& p, cudaStream_t stream) {
+  const int64_t n = p.T * p.k * ((p.D + 7) / 8);
+  if (n == 0) return cudaSuccess;
+  lora_mask_rows_kernel<<<static_cast<unsigned>((n + kSplitThreads - 1) / kSplitThreads),
+                          kSplitThreads, 0, stream>>>(p);
   MIXLORA_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }

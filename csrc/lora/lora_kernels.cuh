@@ -51,14 +51,28 @@ cudaError_t launch_lora_expand(const LoraExpandParams& p, cudaStream_t stream);
 // The dense form of lora_shrink for bfloat16 without dropout (lora_cuda.cpp): z_all [T, E R] =
 // x @ A_all^T is one GEMM with fp32 output (cuBLAS; x and A are bf16, so the products are exact
 // and only the fp32 sums round), of which slot (t, j) keeps its expert's R columns:
-// z[t, j, r] = z_all[t, ids[t, j] R + r].
+// z[t, j, r] = scale * z_all[t, ids[t, j] R + r] (scale 1). With dropout the GEMM's rows are
+// the pairs' masked x (LoraMaskRowsParams; T := N pairs, k := 1) and scale = 1 / (1 - p).
 struct LoraShrinkGatherParams {
   const float* z_all;   // [T, E, R]
   const int32_t* ids;   // [T, k]
   float* z;             // [T, k, R]
   int64_t T, k, E, R;
+  float scale;
 };
 cudaError_t launch_lora_shrink_gather(const LoraShrinkGatherParams& p, cudaStream_t stream);
+
+// xm[q, d] = x[q / k, d] where pair q keeps column d (the kernels' LoRA-dropout mask), else 0:
+// the rows of the dense shrink with dropout. Elements are copied as 16-bit words (bf16 / fp16),
+// so the kept ones are exact; the 1 / (1 - p) is applied to the GEMM's fp32 result.
+struct LoraMaskRowsParams {
+  const void* x;  // [T, D] 16-bit
+  void* xm;       // [T k, D] 16-bit
+  int64_t T, k, D;
+  double dropout_p;
+  uint64_t key;
+};
+cudaError_t launch_lora_mask_rows(const LoraMaskRowsParams& p, cudaStream_t stream);
 
 // The dense form of lora_expand for bfloat16 without dropout (lora_cuda.cpp): with
 // zm[t, term, e, r] = the bf16 hi (term 0) and lo (term 1) parts of
