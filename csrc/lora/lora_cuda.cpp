@@ -16,7 +16,8 @@ namespace {
 
 
 // Whether lora_shrink / lora_expand take their dense GEMM forms (LoraShrinkGatherParams,
-// LoraExpandSplitParams): bfloat16, no dropout (a mask per pair and column is no GEMM), enough
+// LoraExpandSplitParams): bfloat16, no dropout (a mask per pair and column: the shrink has a
+// masked-rows form for it, dense_masked_shrink; the expand does not), enough
 // tokens for the GEMM to beat the CUDA-core kernels (they are one launch; these two or three),
 // and E * R small enough that the E/k times larger product stays cheap.
 constexpr int64_t kDenseMinTokens = 256;
