@@ -19,7 +19,8 @@
 // Block: 8 warps, 128 pair rows (kMmaRows / k whole tokens), mma_block_cols columns taken
 // kMmaStep at a time; warp w owns sorted rows 16w .. 16w + 15. Each step's weight tiles (Bg, Bu,
 // Ad of every expert on the step's columns) and G / U tiles are copied to shared memory with
-// cp.async one step ahead (two stages). Per step each warp computes its delta_g, delta_u tile
+// cp.async one step ahead (two stages; one where two do not fit or one lets a second block
+// share the SM: mma_layout, begin_step). Per step each warp computes its delta_g, delta_u tile
 // in MMA accumulators, g, u, h in the accumulator layout (which is also the A layout of the zd MMA, so
 // h never leaves registers), w * h to shared memory for the combine over j (in j order, by the
 // whole block), and adds its zd MMA results to per-thread accumulators (each (pair, rank) owned
@@ -502,7 +503,8 @@ __device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, 
 // step's copies are issued (into the stage every thread has finished reading), and w * h goes
 // to two row buffers in turn, so that step s combines the rows of step s - 1, complete at the
 // barrier, while the warps fill the other buffer (a second barrier per step stalled ~18% of
-// the time, bench/NOTES.md v4).
+// the time, bench/NOTES.md v4). STAGES: the layout's (mma_layout); with one stage, two barriers
+// per step (begin_step).
 template <int R8, int ACT, int STAGES>
 __global__ void __launch_bounds__(kMmaThreads)
     moe_swiglu_mma_kernel(MoeSwigluParams p, MmaSmem L, int64_t tokens_per_block,
