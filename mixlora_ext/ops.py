@@ -240,7 +240,7 @@ def _router_setup(ctx, inputs, output):
 
 def _router_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    grad_x, grad_weight = _ops.router_logits_backward(grad.contiguous(), x, weight)
+    grad_x, grad_weight = _ops.router_logits_backward(grad, x, weight)
     return (grad_x if ctx.needs_input_grad[0] else None,
             grad_weight if ctx.needs_input_grad[1] else None)
 

@@ -1,5 +1,5 @@
 // CUDA helpers every op family's kernels share: dtype codes, acc conversions, 16-byte row
-// access, deterministic warp sums, launch checks (the LoRA-dropout mask is in dropout_rng.h).
+// access, deterministic warp sums and split sums, launch checks (the LoRA-dropout mask is in dropout_rng.h).
 //
 // CUDA headers only (no torch), so `nvcc -c` checks the kernels without a CUDA build of
 // PyTorch; the glue (*_cuda.cpp) includes it with the host compiler, which sees only the part
@@ -26,7 +26,9 @@ enum class DType : int { kFloat16 = 5, kFloat32 = 6, kFloat64 = 7, kBFloat16 = 1
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common/dropout_rng.h"
@@ -119,6 +121,39 @@ __host__ __device__ __forceinline__ bool aligned_to(const void* p, uintptr_t byt
   return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
 __host__ __device__ __forceinline__ bool aligned16(const void* p) { return aligned_to(p, 16); }
+
+// Whether rows of D scalar_t starting at each base can be read kVec at a time (16 bytes).
+template <typename scalar_t>
+bool rows_vectorizable(int64_t D, std::initializer_list<const void*> bases) {
+  bool vec = D % kVec<scalar_t> == 0;
+  for (const void* base : bases) vec = vec && aligned16(base);
+  return vec;
+}
+
+// out[i] = the sum over the splits s, in split order, of partials[s * count + i]: the fixed-order
+// reduction of per-split partial sums (one thread per element, grid-stride).
+constexpr int kSumSplitsThreads = 256;
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumSplitsThreads)
+    sum_split_partials_kernel(acc_t* out, const acc_t* partials, int64_t count, int64_t splits) {
+  const int64_t stride = int64_t(gridDim.x) * kSumSplitsThreads;
+  for (int64_t idx = int64_t(blockIdx.x) * kSumSplitsThreads + threadIdx.x; idx < count; idx += stride) {
+    acc_t sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += partials[s * count + idx];
+    out[idx] = sum;
+  }
+}
+
+template <typename acc_t>
+cudaError_t launch_sum_splits(acc_t* out, const acc_t* partials, int64_t count, int64_t splits,
+                              cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>((count + kSumSplitsThreads - 1) / kSumSplitsThreads, 65536);
+  sum_split_partials_kernel<acc_t><<<static_cast<unsigned>(blocks), kSumSplitsThreads, 0, stream>>>(
+      out, partials, count, splits);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
 
 // Butterfly sum over the warp: fixed pairing, and since a + b == b + a every lane ends with the
 // same bits, so the result does not depend on scheduling.

@@ -166,28 +166,11 @@ __global__ void __launch_bounds__(kRouterGradThreads)
   }
 }
 
-// grad_weight[i] = sum over the splits s (in order) of workspace[s, i].
-template <typename acc_t>
-__global__ void router_sum_splits_kernel(const acc_t* workspace, acc_t* grad_weight, int64_t n,
-                                         int64_t splits) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  acc_t sum = 0;
-  for (int64_t s = 0; s < splits; ++s) sum += workspace[s * n + i];
-  grad_weight[i] = sum;
-}
-
 // Token splits of grad_weight: the shape alone decides (the same bits on every device).
 int64_t router_splits(int64_t T) {
   return std::max<int64_t>(1, std::min(kRouterMaxSplits, T / kRouterSplitTokens));
 }
 
-// Columns per thread: a 16-byte vector of x where every row allows it, else 1.
-// (The weight rows are then read V at a time, 16-byte aligned too: H % V == 0.)
-template <typename scalar_t>
-bool router_vectorizable(int64_t H, const void* x, const void* weight) {
-  return H % kVec<scalar_t> == 0 && aligned16(x) && aligned16(weight);
-}
 
 __device__ __forceinline__ int64_t warp_token() {
   return int64_t(blockIdx.x) * kGatingWarps + threadIdx.x / kWarpSize;
@@ -362,7 +345,9 @@ cudaError_t launch_router_logits(const RouterLogitsParams& p, cudaStream_t strea
     using scalar_t = decltype(zero);
     const dim3 grid(static_cast<unsigned>((p.T + kRouterTokens - 1) / kRouterTokens),
                     static_cast<unsigned>((p.E + kRouterExperts - 1) / kRouterExperts));
-    if (router_vectorizable<scalar_t>(p.H, p.x, p.weight)) {
+    // Columns per thread: a 16-byte vector of x where every row allows it, else 1 (the weight
+    // rows are then read V at a time, 16-byte aligned too: H % V == 0).
+    if (rows_vectorizable<scalar_t>(p.H, {p.x, p.weight})) {
       router_logits_kernel<scalar_t, kVec<scalar_t>><<<grid, kRouterThreads, 0, stream>>>(p);
     } else {
       router_logits_kernel<scalar_t, 1><<<grid, kRouterThreads, 0, stream>>>(p);
@@ -391,16 +376,12 @@ cudaError_t launch_router_logits_backward(const RouterLogitsBackwardParams& p, c
                         static_cast<unsigned>(splits));
       router_grad_weight_kernel<scalar_t, V><<<grid_w, kRouterGradThreads, 0, stream>>>(p, split_tokens);
       MIXLORA_RETURN_IF_LAUNCH_FAILED();
-      if (splits > 1) {
-        const int64_t n = p.E * p.H;
-        router_sum_splits_kernel<acc_t><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-            static_cast<const acc_t*>(p.workspace), static_cast<acc_t*>(p.grad_weight), n, splits);
-        MIXLORA_RETURN_IF_LAUNCH_FAILED();
-      }
-      return cudaSuccess;
+      if (splits == 1) return cudaSuccess;
+      return launch_sum_splits(static_cast<acc_t*>(p.grad_weight),
+                               static_cast<const acc_t*>(p.workspace), p.E * p.H, splits, stream);
     };
     // (grad_x and grad_weight share V: both need H % V == 0 and 16-byte rows of x / grad_x.)
-    if (router_vectorizable<scalar_t>(p.H, p.x, p.weight) && aligned16(p.grad_x)) {
+    if (rows_vectorizable<scalar_t>(p.H, {p.x, p.weight, p.grad_x})) {
       return launch(std::integral_constant<int, kVec<scalar_t>>{});
     }
     return launch(std::integral_constant<int, 1>{});

@@ -2,7 +2,6 @@
 // "Low-rank expert GEMMs").
 #include <algorithm>
 #include <cassert>
-#include <initializer_list>
 
 #include "lora/lora_kernels.cuh"
 
@@ -22,7 +21,6 @@ constexpr int kStagePasses = kGradChunk / kStageRows;  // z values a thread copi
 constexpr int kGradPairsPerSplit = 128;  // pairs per split of an expert, on average, at least
 constexpr int kGradMaxSplits = 8;       // pair splits of an expert, at most
 constexpr int64_t kGradWorkspaceBytes = int64_t(64) << 20;  // split partials, at most
-constexpr int kSumThreads = 256;
 constexpr int kMaskThreads = 256;
 
 // Block (pair q, y): z[q, r0 .. r0 + kRankGroup) for the rank groups r0 = kRankGroup * (y,
@@ -171,7 +169,7 @@ __device__ __forceinline__ void store_acc_row(acc_t* p, const acc_t (&in)[V]) {
 // dropout index base q * D, coef, the z values of the block's RT = 8 * warps ranks (zeros past
 // R; times coef once they land) and, with V > 1, the tile's 32 * V columns of its x row (V == 1
 // reads x from global memory). With S == 1 the block writes out[e, r, d]; else
-// workspace[s, e, r, d] for sum_splits_kernel.
+// workspace[s, e, r, d] for launch_sum_splits.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kWarpSize * kGradRankGroups)
     lora_weight_grad_kernel(LoraWeightGradParams p, int64_t splits) {
@@ -290,31 +288,12 @@ __global__ void __launch_bounds__(kWarpSize * kGradRankGroups)
   }
 }
 
-// out = the sum over splits, in split order, of workspace [S, E, R, D]: one thread per element.
-template <typename acc_t>
-__global__ void __launch_bounds__(kSumThreads)
-    sum_splits_kernel(acc_t* out, const acc_t* workspace, int64_t count, int64_t splits) {
-  const int64_t stride = int64_t(gridDim.x) * kSumThreads;
-  for (int64_t idx = int64_t(blockIdx.x) * kSumThreads + threadIdx.x; idx < count; idx += stride) {
-    acc_t sum = 0;
-    for (int64_t s = 0; s < splits; ++s) sum += workspace[s * count + idx];
-    out[idx] = sum;
-  }
-}
-
 // Grid-stride: each element is an independent hash of its index.
 __global__ void __launch_bounds__(kMaskThreads) dropout_mask_kernel(DropoutMaskParams p) {
   const int64_t stride = int64_t(gridDim.x) * kMaskThreads;
   for (int64_t i = int64_t(blockIdx.x) * kMaskThreads + threadIdx.x; i < p.numel; i += stride) {
     p.mask[i] = dropout_keep(p.key, i, p.p);
   }
-}
-
-template <typename scalar_t>
-bool rows_vectorizable(int64_t D, std::initializer_list<const void*> bases) {
-  bool vec = D % kVec<scalar_t> == 0;
-  for (const void* base : bases) vec = vec && aligned16(base);
-  return vec;
 }
 
 // Pair splits per expert of lora_weight_grad: about kGradPairsPerSplit pairs or more each, at
@@ -498,12 +477,9 @@ cudaError_t launch_lora_weight_grad(const LoraWeightGradParams& p, cudaStream_t 
                                 ? launch(lora_weight_grad_kernel<scalar_t, kV>, kV)
                                 : launch(lora_weight_grad_kernel<scalar_t, 1>, 1);
     if (err != cudaSuccess || splits == 1) return err;
-    const int64_t count = p.E * p.R * p.D;
-    const int64_t blocks = std::min<int64_t>((count + kSumThreads - 1) / kSumThreads, 65536);
-    sum_splits_kernel<acc_t><<<static_cast<unsigned>(blocks), kSumThreads, 0, stream>>>(
-        static_cast<acc_t*>(p.out), static_cast<const acc_t*>(p.workspace), count, splits);
-    MIXLORA_RETURN_IF_LAUNCH_FAILED();
-    return cudaSuccess;
+    // (The workspace is [S, E, R, D].)
+    return launch_sum_splits(static_cast<acc_t*>(p.out), static_cast<const acc_t*>(p.workspace),
+                             p.E * p.R * p.D, splits, stream);
   });
 }
 
