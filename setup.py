@@ -40,7 +40,8 @@ def _sources(pattern):
 
 def _extension():
     use_cuda, reason = _want_cuda()
-    sources = _sources("registration.cpp") + _sources("*/*_cpu.cpp")
+    # *_cpu.cpp: CPU kernels; *_composite.cpp: ops composed of the others, for every backend.
+    sources = _sources("registration.cpp") + _sources("*/*_cpu.cpp") + _sources("*/*_composite.cpp")
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     if not use_cuda:

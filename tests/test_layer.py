@@ -200,3 +200,36 @@ def test_module_plumbing():
     layer.float()
     assert layer.router.dtype == torch.float32 and layer.lora_A["up_proj"].dtype == torch.float32
     assert "experts=4" in repr(layer)
+
+
+@pytest.mark.parametrize("lora_dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("targets", [("gate_proj", "up_proj", "down_proj"), ("up_proj",)])
+def test_layer_step_ops_opcheck(lora_dtype, targets):
+    """The layer step's two composite ops (csrc/layer): schema (no output aliases an input, also
+    where a LoRA weight already has x's dtype and is not cast), fake tensors, dispatch."""
+    layer = make_layer(num_experts=4, top_k=2, targets=targets, bias=True)
+    base = layer.base_layer
+    gate, up, down = base.gate_proj, base.up_proj, base.down_proj
+    lora = [None if proj not in layer.lora_A else table[proj].detach().to(lora_dtype)
+            for proj in ("gate_proj", "up_proj", "down_proj") for table in (layer.lora_A, layer.lora_B)]
+    x = torch.randn(9, 16, dtype=torch.float64)
+    router = layer.router.detach()
+    step = (x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, router, *lora,
+            2, layer.scaling, layer.activation, 0.0, 0)
+    ops = torch.ops.mixlora
+    for save in (False, True):
+        torch.library.opcheck(ops.expert_ffn.default, (*step, save))
+    outs = ops.expert_ffn(*step, True)
+    assert len(outs) == 17
+    out, probs, ids, weights, G, U, zg, zu, zd, order, offsets = outs[:11]
+    casts = [w if c is None else c for c, w in zip(outs[11:], lora)]
+    assert all((c is None) == (w is None) and (c is None or c.dtype == x.dtype)
+               for c, w in zip(casts, lora))
+    grad_out, grad_probs = torch.randn_like(out), torch.randn_like(probs)
+    needs = [True, True] + [w is not None for w in lora]
+    backward = (grad_out, grad_probs, x, gate.weight, up.weight, down.weight, router, *casts,
+                weights, ids, probs, G, U, zg, zu, zd, order, offsets, layer.scaling,
+                layer.activation, 0.0, 0, needs)
+    torch.library.opcheck(ops.expert_ffn_backward.default, backward)
+    grads = ops.expert_ffn_backward(*backward)
+    assert [g is not None for g in grads] == needs
