@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout p (the layer is in training mode)")
+    ap.add_argument("--host", action="store_true", help="also the host time per op (torch.profiler CPU events)")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = DenseMLP(a.H, a.I).cuda().to(torch.bfloat16).requires_grad_(False)
@@ -38,7 +39,10 @@ def main():
         with torch.no_grad():
             layer(x)
 
-    def forward_backward():
+    def forward_backward():  # fresh gradients each step, as in bench/run.py (no accumulation adds)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
         layer(x).backward(grad)
 
     for name, step in (("forward", forward), ("forward+backward", forward_backward)):
@@ -53,7 +57,10 @@ def main():
         with torch.cuda.graph(graph):
             step()
         replay = statistics.median(cuda_times_ms(graph.replay, a.reps))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        if a.host:
+            activities.append(torch.profiler.ProfilerActivity.CPU)
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
@@ -65,6 +72,13 @@ def main():
         print(f"   {launches:.0f} kernel launches per step; GPU time per step by kernel:")
         for e in rows[:14]:
             print(f"   {e.self_device_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:<3} {e.key[:90]}")
+        if a.host:  # (the profiler's own overhead inflates these; compare ops, not totals)
+            host = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            host.sort(key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in host) / 5 / 1e3
+            print(f"   host time per step by op (self, profiled: {total:.3f} ms):")
+            for e in host[:16]:
+                print(f"   {e.self_cpu_time_total / 5 / 1e3:8.3f} ms  x{e.count // 5:<3} {e.key[:90]}")
 
 
 if __name__ == "__main__":
