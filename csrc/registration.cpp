@@ -80,24 +80,15 @@ TORCH_LIBRARY(mixlora, m) {
       "Tensor offsets, float scale, int activation, float dropout_p, int seed) -> (Tensor dG, "
       "Tensor dU, Tensor dweights, Tensor dzg, Tensor dzu, Tensor dBg, Tensor dBu, Tensor dAd)");
 
-  // The layer's eager step, composed of the ops above (csrc/layer; one kernel for every backend).
-  // x [T, H]; the frozen MLP's weights (gate, up [I, H], down [H, I]) and biases; router [E, H];
-  // LoRA weights A* [E, r, in], B* [E, out, r] in any floating dtype (cast to x's).
-  // -> [out [T, H], probs [T, E] acc, ids [T, k]], and with save what the backward takes:
-  // [weights, G, U, zg, zu, zd, order, offsets, Ag, Bg, Au, Bu, Ad, Bd] (the LoRA weights cast to
-  // x's dtype; undefined where absent or already of that dtype, so no output aliases an input).
+  // The layer's step, composed of the ops above (csrc/layer: one forward kernel for every
+  // backend, and a C++ autograd kernel). x [T, H]; the frozen MLP's weights (gate, up [I, H],
+  // down [H, I]) and biases; router [E, H]; LoRA weights A* [E, r, in], B* [E, out, r] in any
+  // floating dtype (cast to x's) -> out [T, H], probs [T, E] acc, ids [T, k] int32.
   m.def(
       "expert_ffn(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, "
       "Tensor? up_bias, Tensor down_weight, Tensor? down_bias, Tensor router, Tensor? Ag, "
       "Tensor? Bg, Tensor? Au, Tensor? Bu, Tensor? Ad, Tensor? Bd, int top_k, float scale, "
-      "int activation, float dropout_p, int seed, bool save) -> Tensor?[]");
-  // -> [dx, drouter, dAg, dBg, dAu, dBu, dAd, dBd], undefined where needs_grad is false.
-  m.def(
-      "expert_ffn_backward(Tensor grad_out, Tensor? grad_probs, Tensor x, Tensor gate_weight, "
-      "Tensor up_weight, Tensor down_weight, Tensor router, Tensor? Ag, Tensor? Bg, Tensor? Au, "
-      "Tensor? Bu, Tensor? Ad, Tensor? Bd, Tensor weights, Tensor ids, Tensor probs, Tensor G, "
-      "Tensor U, Tensor? zg, Tensor? zu, Tensor zd, Tensor order, Tensor offsets, float scale, "
-      "int activation, float dropout_p, int seed, bool[8] needs_grad) -> Tensor?[]");
+      "int activation, float dropout_p, int seed) -> (Tensor out, Tensor probs, Tensor ids)");
 }
 
 }  // namespace mixlora

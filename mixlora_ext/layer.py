@@ -3,9 +3,9 @@
 The forward uses the exact rewrite of SPEC section 4: the frozen gate/up projections run once
 per token, the experts' SwiGLU and the weighted combine are fused (`moe_swiglu`), and the
 frozen down projection runs once per token on the weighted sum of expert activations. Only
-rank-r and elementwise work is expert-specific. In eager mode all of it runs as one autograd
-Function (expert_ffn.py); under torch.compile, or with a base MLP that trains, as the ops'
-own autograd. DoRA experts take the reference path.
+rank-r and elementwise work is expert-specific. In eager mode all of it is one op,
+`expert_ffn` (csrc/layer), with its backward in C++; under torch.compile, or with a base MLP
+that trains, the ops with their own autograd. DoRA experts take the reference path.
 
 Legend: T tokens, H hidden, I intermediate, E experts, k slots, r rank.
 """
@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import MixLoRAConfig
-from .expert_ffn import ExpertFFN
 from .reference import _make_drop, reference_experts
 
 _TORCH_ACTIVATIONS = {
@@ -169,18 +168,21 @@ class MixLoRAFFN(nn.Module):
         # bounds decode; bench/NOTES.md v5.)
         state = self.__dict__
         state["last_dropout_seed"] = seed
+        base = self.base_layer
         if not self.use_dora and not torch.compiler.is_compiling() and not self._base_trains():
-            # Eager: the whole expert FFN as one autograd Function (expert_ffn.py), the same
-            # math with far less host work per step than the per-op autograd below, which
+            # Eager: the whole expert FFN as one op with a C++ autograd kernel (csrc/layer), the
+            # same math with far less host work per step than the per-op autograd below, which
             # torch.compile traces instead (it has no host work per op to save) and which also
-            # serves base MLPs that train. Without grad mode (inference, generate()) not even
-            # the Function: no autograd node, no backward state.
+            # serves base MLPs that train. Without grad mode (inference, generate()) the op
+            # records no autograd node and keeps nothing for a backward.
             # (The ParameterDicts' own tables: their .get costs ~1.5 us a call on the host.)
             A, B = self.lora_A._parameters, self.lora_B._parameters
-            run = ExpertFFN.apply if torch.is_grad_enabled() else ExpertFFN.inference
-            out, probs, ids = run(
-                x2, self.router, A.get("gate_proj"), B.get("gate_proj"), A.get("up_proj"),
-                B.get("up_proj"), A.get("down_proj"), B.get("down_proj"), self, dropout_p, seed)
+            gate, up, down = base.gate_proj, base.up_proj, base.down_proj
+            out, probs, ids = ops._ops.expert_ffn(
+                x2, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias,
+                self.router, A.get("gate_proj"), B.get("gate_proj"), A.get("up_proj"),
+                B.get("up_proj"), A.get("down_proj"), B.get("down_proj"), self.top_k,
+                self.scaling, self.activation, dropout_p, seed)
             state["last_probs"], state["last_ids"] = probs, ids
             return out.reshape(x.shape)
         acc = ops.acc_dtype(x2.dtype)
@@ -191,7 +193,6 @@ class MixLoRAFFN(nn.Module):
             drop = _make_drop(self, x2, seed if dropout_p > 0 else None)
             return reference_experts(self, x2, weights, ids, drop).reshape(x.shape)
 
-        base = self.base_layer
         G, U = base.gate_proj(x2), base.up_proj(x2)                                # [T, I]
 
         def lora(table, proj):

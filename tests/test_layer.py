@@ -134,8 +134,8 @@ def test_aux_state_kept_from_last_forward():
 
 
 def test_no_grad_forward_is_the_same():
-    """Without grad mode the layer skips the autograd Function (ExpertFFN.inference): the same
-    output bits, routing state without grad, and no graph."""
+    """Without grad mode the layer's op records no autograd node and keeps nothing for a
+    backward: the same output bits, routing state without grad, and no graph."""
     layer = make_layer(num_experts=8, top_k=2)
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     with_grad = layer(x)
@@ -202,34 +202,28 @@ def test_module_plumbing():
     assert "experts=4" in repr(layer)
 
 
+@pytest.mark.parametrize("requires_grad", (False, True))
 @pytest.mark.parametrize("lora_dtype", (torch.float64, torch.float32), ids=str)
 @pytest.mark.parametrize("targets", [("gate_proj", "up_proj", "down_proj"), ("up_proj",)])
-def test_layer_step_ops_opcheck(lora_dtype, targets):
-    """The layer step's two composite ops (csrc/layer): schema (no output aliases an input, also
-    where a LoRA weight already has x's dtype and is not cast), fake tensors, dispatch."""
+def test_expert_ffn_op_opcheck(targets, lora_dtype, requires_grad):
+    """The layer step as one op (csrc/layer): schema, fake tensors, its C++ autograd kernel,
+    also where the LoRA weights are cast to x's dtype and with biases."""
     layer = make_layer(num_experts=4, top_k=2, targets=targets, bias=True)
     base = layer.base_layer
     gate, up, down = base.gate_proj, base.up_proj, base.down_proj
-    lora = [None if proj not in layer.lora_A else table[proj].detach().to(lora_dtype)
+    lora = [None if proj not in layer.lora_A else
+            table[proj].detach().to(lora_dtype).requires_grad_(requires_grad)
             for proj in ("gate_proj", "up_proj", "down_proj") for table in (layer.lora_A, layer.lora_B)]
-    x = torch.randn(9, 16, dtype=torch.float64)
-    router = layer.router.detach()
-    step = (x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, router, *lora,
+    x = torch.randn(9, 16, dtype=torch.float64, requires_grad=requires_grad)
+    router = layer.router.detach().requires_grad_(requires_grad)
+    args = (x, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias, router, *lora,
             2, layer.scaling, layer.activation, 0.0, 0)
-    ops = torch.ops.mixlora
-    for save in (False, True):
-        torch.library.opcheck(ops.expert_ffn.default, (*step, save))
-    outs = ops.expert_ffn(*step, True)
-    assert len(outs) == 17
-    out, probs, ids, weights, G, U, zg, zu, zd, order, offsets = outs[:11]
-    casts = [w if c is None else c for c, w in zip(outs[11:], lora)]
-    assert all((c is None) == (w is None) and (c is None or c.dtype == x.dtype)
-               for c, w in zip(casts, lora))
-    grad_out, grad_probs = torch.randn_like(out), torch.randn_like(probs)
-    needs = [True, True] + [w is not None for w in lora]
-    backward = (grad_out, grad_probs, x, gate.weight, up.weight, down.weight, router, *casts,
-                weights, ids, probs, G, U, zg, zu, zd, order, offsets, layer.scaling,
-                layer.activation, 0.0, 0, needs)
-    torch.library.opcheck(ops.expert_ffn_backward.default, backward)
-    grads = ops.expert_ffn_backward(*backward)
-    assert [g is not None for g in grads] == needs
+    torch.library.opcheck(torch.ops.mixlora.expert_ffn.default, args)
+
+
+def test_expert_ffn_backward_is_not_differentiable():
+    layer = make_layer(num_experts=4, top_k=2)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)

@@ -1,15 +1,20 @@
-// The layer's eager step, forward and backward, each as one op composed of the other ops
-// (docs/design.md, "The layer's dataflow"). One registration (CompositeExplicitAutograd) serves
-// every backend: the ops inside dispatch to their CPU or CUDA kernels.
+// The layer's eager step as one op, `expert_ffn`, composed of the other ops and the frozen
+// GEMMs (docs/design.md, "The layer's dataflow"), with its backward written out in C++:
+//   - CompositeExplicitAutograd kernel: the forward alone (no grad mode, fake tensors); the ops
+//     inside dispatch to their CPU or CUDA kernels, so one kernel serves every backend;
+//   - Autograd kernel: ExpertFFNFunction, a C++ autograd Function whose forward also keeps
+//     what the backward needs (the pairs sorted by expert once, G, U, the LoRA activations and
+//     the LoRA weights in x's dtype) and whose backward is the ops' own backwards (ops.py),
+//     term for term.
 //
-// Why in C++: the step is ~20 launches forward and ~40 backward. Issued from Python, each cost
-// 10-30 us of host time (the op call, its argument parsing, the tensor wrappers), so below a
-// few hundred tokens the host, not the GPU, set the time of a step (bench/NOTES.md v5, v6).
-// Here each launch costs the dispatcher and the kernel launch alone.
+// Why in C++: a step is ~20 launches forward and ~40 backward. Issued from Python, each op
+// call cost 10-30 us of host time, and a Python autograd Function ~0.2 ms more per step, so
+// below a few hundred tokens the host, not the GPU, set the time of a step (bench/NOTES.md v6).
 //
 // Legend: T tokens, H hidden, I intermediate, E experts, k slots, r rank.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -25,7 +30,6 @@ constexpr int64_t kStreamGate = 0, kStreamUp = 1;  // LoRA-dropout streams (drop
 using OptTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using OptTensors = c10::List<OptTensor>;  // Tensor?[]: undefined tensors go out as None
 
 // Typed handles of the ops this file composes, looked up once.
 template <typename Sig>
@@ -115,23 +119,24 @@ SwigluGrads moe_swiglu_backward(const at::Tensor& gh, const OptTensor& gzd, cons
   return h.call(gh, gzd, G, U, ids, w, zg, Bg, zu, Bu, Ad, order, offsets, s, act, p, seed);
 }
 
-// An optional input as a tensor (undefined when absent), and back.
-at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
-OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
-OptTensors optionals(std::initializer_list<at::Tensor> ts) {
-  OptTensors out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(optional(t));
-  return out;
+// t in dtype: t itself where it already is. (Tensor::to would return t too, but through a
+// dispatched aten::to, whose returning an input the schema checks reject below autograd.)
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
-// The LoRA weights Ag, Bg, Au, Bu, Ad, Bd in the activations' dtype: the input itself where it
-// is of that dtype, undefined where absent. The others are cast by one _foreach_copy_: on a GPU
-// one launch for all of them (six were a tenth of a decode step's launches, bench/NOTES.md v6).
-using LoraWeights = std::array<at::Tensor, 6>;
+// A tensor as an optional input (absent when undefined).
+OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-LoraWeights cast_lora(const std::array<const OptTensor*, 6>& in, at::ScalarType dtype) {
+
+// The LoRA weights Ag, Bg, Au, Bu, Ad, Bd (undefined where absent).
+using LoraWeights = std::array<at::Tensor, 6>;
+using LoraInputs = std::array<const OptTensor*, 6>;
+
+// The LoRA weights in the activations' dtype: the input itself where it is of that dtype. The
+// others are cast by one _foreach_copy_: on a GPU one launch for all of them (six were a tenth
+// of a decode step's launches, bench/NOTES.md v6).
+LoraWeights cast_lora(const LoraInputs& in, at::ScalarType dtype) {
   LoraWeights out;
   std::vector<at::Tensor> dst, src;
   for (size_t i = 0; i < in.size(); ++i) {
@@ -149,141 +154,257 @@ LoraWeights cast_lora(const std::array<const OptTensor*, 6>& in, at::ScalarType 
   return out;
 }
 
-// A cast made by cast_lora, as an output: undefined where it is the input itself (an op's
-// outputs must not alias its inputs; the caller keeps the input).
-at::Tensor copy_or_undefined(const at::Tensor& cast, const OptTensor& w) {
-  return cast.defined() && !cast.is_same(*w) ? cast : at::Tensor();
-}
+// A forward step: its outputs and what its backward takes.
+struct Step {
+  at::Tensor out, probs, ids;                   // [T, H], [T, E] acc, [T, k] int32
+  at::Tensor weights, G, U, zg, zu, zd;         // [T, k] acc, [T, I], [T, I], [T, k, r] acc x 3
+  at::Tensor order, offsets;                    // the pairs grouped by expert (only if saved)
+  LoraWeights lora;                             // in x's dtype
+};
 
-// out, probs, ids; with save, also what expert_ffn_backward takes, in its order: weights, G, U,
-// zg, zu, zd, order, offsets, and Ag, Bg, Au, Bu, Ad, Bd cast to the activations' dtype.
-// Undefined tensors (None in Python) for absent inputs, and for weights already of that dtype
-// (the backward takes the input itself).
-OptTensors expert_ffn(const at::Tensor& x, const at::Tensor& gate_weight,
-                                   const OptTensor& gate_bias, const at::Tensor& up_weight,
-                                   const OptTensor& up_bias, const at::Tensor& down_weight,
-                                   const OptTensor& down_bias, const at::Tensor& router,
-                                   const OptTensor& Ag_in, const OptTensor& Bg_in,
-                                   const OptTensor& Au_in, const OptTensor& Bu_in,
-                                   const OptTensor& Ad_in, const OptTensor& Bd_in, int64_t top_k,
-                                   double scale, int64_t activation, double dropout_p,
-                                   int64_t seed, bool save) {
+Step step_forward(const at::Tensor& x, const at::Tensor& gate_weight, const OptTensor& gate_bias,
+                  const at::Tensor& up_weight, const OptTensor& up_bias,
+                  const at::Tensor& down_weight, const OptTensor& down_bias,
+                  const at::Tensor& router, const LoraInputs& lora_in, int64_t top_k,
+                  double scale, int64_t activation, double dropout_p, int64_t seed, bool save) {
   MIXLORA_CHECK_DIM("x", x, 2);
   MIXLORA_CHECK_FLOAT("x", x);
   MIXLORA_CHECK_DIM("router", router, 2);
   const auto dtype = x.scalar_type();
+  Step s;
   // The frozen GEMMs first: on a GPU they run while the small ops below are issued.
-  const auto G = at::linear(x, gate_weight, gate_bias);                            // [T, I]
-  const auto U = at::linear(x, up_weight, up_bias);                                // [T, I]
-  const auto logits = router_logits(x, router.to(acc_type(dtype)));                // [T, E] acc
-  const auto [weights, ids, probs] = topk_gating(logits, top_k);                   // [T, k] ...
-  const auto [Ag, Bg, Au, Bu, Ad, Bd] = cast_lora({&Ag_in, &Bg_in, &Au_in, &Bu_in, &Ad_in, &Bd_in}, dtype);
-  const auto zg = Ag.defined() ? lora_shrink(x, Ag, ids, dropout_p, seed, kStreamGate) : at::Tensor();
-  const auto zu = Au.defined() ? lora_shrink(x, Au, ids, dropout_p, seed, kStreamUp) : at::Tensor();
-  const auto [hbar, zd] = moe_swiglu(G, U, ids, weights, optional(zg), optional(Bg), optional(zu),
-                                     optional(Bu), optional(Ad), scale, activation, dropout_p,
-                                     seed);                                     // [T, I], [T, k, r]
-  at::Tensor out;                                                                  // [T, H]
+  s.G = at::linear(x, gate_weight, gate_bias);                                     // [T, I]
+  s.U = at::linear(x, up_weight, up_bias);                                         // [T, I]
+  const auto logits = router_logits(x, as_dtype(router, acc_type(dtype)));                // [T, E] acc
+  std::tie(s.weights, s.ids, s.probs) = topk_gating(logits, top_k);
+  s.lora = cast_lora(lora_in, dtype);
+  const auto& [Ag, Bg, Au, Bu, Ad, Bd] = s.lora;
+  if (Ag.defined()) s.zg = lora_shrink(x, Ag, s.ids, dropout_p, seed, kStreamGate);  // [T, k, r]
+  if (Au.defined()) s.zu = lora_shrink(x, Au, s.ids, dropout_p, seed, kStreamUp);
+  at::Tensor hbar;                                                                 // [T, I]
+  std::tie(hbar, s.zd) = moe_swiglu(s.G, s.U, s.ids, s.weights, optional(s.zg), optional(Bg),
+                                    optional(s.zu), optional(Bu), optional(Ad), scale, activation,
+                                    dropout_p, seed);
   if (Bd.defined()) {  // the down LoRA, then the frozen GEMM onto it (beta = 1: no add pass)
-    out = lora_expand(zd, Bd, ids, weights * scale, 0.0, 0, 0);
-    out.addmm_(hbar, down_weight.t());
-    if (down_bias.has_value()) out.add_(*down_bias);
+    s.out = lora_expand(s.zd, Bd, s.ids, s.weights * scale, 0.0, 0, 0);             // [T, H]
+    s.out.addmm_(hbar, down_weight.t());
+    if (down_bias.has_value()) s.out.add_(*down_bias);
   } else {
-    out = at::linear(hbar, down_weight, down_bias);
+    s.out = at::linear(hbar, down_weight, down_bias);
   }
-  if (!save) return optionals({out, probs, ids});
-  // The pairs grouped by expert, for every per-expert sum of the backward (sorted once).
-  const auto sorted = sort_pairs(ids, router.size(0));
-  return optionals({out, probs, ids, weights, G, U, zg, zu, zd, std::get<0>(sorted),
-                    std::get<1>(sorted), copy_or_undefined(Ag, Ag_in), copy_or_undefined(Bg, Bg_in),
-                    copy_or_undefined(Au, Au_in), copy_or_undefined(Bu, Bu_in),
-                    copy_or_undefined(Ad, Ad_in), copy_or_undefined(Bd, Bd_in)});
+  if (save) {  // the pairs grouped by expert, for every per-expert sum of the backward
+    std::tie(s.order, s.offsets, std::ignore) = sort_pairs(s.ids, router.size(0));
+  }
+  return s;
 }
 
-// The gradients of x, router, Ag, Bg, Au, Bu, Ad, Bd (the LoRA weights' in the activations'
-// dtype, the router's in acc), each undefined where needs_grad says it is not needed. The
-// LoRA weights are expert_ffn's casts; the rest is what it saved. The math is that of the ops'
-// own backwards (mixlora_ext/ops.py), term for term.
-OptTensors expert_ffn_backward(
-    const at::Tensor& grad_out_in, const OptTensor& grad_probs, const at::Tensor& x,
-    const at::Tensor& gate_weight, const at::Tensor& up_weight, const at::Tensor& down_weight,
-    const at::Tensor& router, const OptTensor& Ag_in, const OptTensor& Bg, const OptTensor& Au_in,
-    const OptTensor& Bu, const OptTensor& Ad, const OptTensor& Bd_in, const at::Tensor& weights,
-    const at::Tensor& ids, const at::Tensor& probs, const at::Tensor& G, const at::Tensor& U,
-    const OptTensor& zg, const OptTensor& zu, const at::Tensor& zd, const at::Tensor& order,
-    const at::Tensor& offsets, double s, int64_t activation, double p, int64_t seed,
-    std::array<bool, 8> needs_grad) {
+// Which gradients a backward computes: x, the router, then Ag, Bg, Au, Bu, Ad, Bd.
+using Needs = std::array<bool, 8>;
+
+struct Grads {
+  at::Tensor dx, drouter;  // x's dtype, acc
+  LoraWeights dlora;       // as the ops give them: x's dtype (dBg, dBu, dAd) or acc (the rest)
+};
+
+Grads step_backward(const at::Tensor& grad_out_in, const at::Tensor& grad_probs,
+                    const at::Tensor& x, const at::Tensor& gate_weight,
+                    const at::Tensor& up_weight, const at::Tensor& down_weight,
+                    const at::Tensor& router, const Step& f, double s, int64_t activation,
+                    double p, int64_t seed, const Needs& needs) {
+  const auto& [Ag, Bg, Au, Bu, Ad, Bd] = f.lora;
   const auto grad_out = grad_out_in.contiguous();
   auto dhbar = grad_out.mm(down_weight);  // [T, I]; first, as in the forward
+  Grads out;
 
   // Down LoRA (lora_expand with coef = weights * s, no dropout): its z and coef gradients
   // (a shrink through Bd^T) and dBd.
-  at::Tensor grad_zd, dBd, dweights;                                               // [T, k] acc
-  if (Bd_in.has_value()) {
-    const auto& Bd = *Bd_in;
-    const auto coef = weights * s;
-    const auto g = lora_shrink(grad_out, Bd.transpose(1, 2), ids, 0.0, 0, 0);     // [T, k, r]
+  at::Tensor grad_zd, dweights;                                                    // [T, k] acc
+  if (Bd.defined()) {
+    const auto coef = f.weights * s;
+    const auto g = lora_shrink(grad_out, Bd.transpose(1, 2), f.ids, 0.0, 0, 0);   // [T, k, r]
     grad_zd = g * coef.unsqueeze(-1);
-    dweights = (g * zd).sum(-1).mul_(s);
-    if (needs_grad[7]) {
-      dBd = lora_weight_grad(zd, grad_out, order, offsets, coef, 0.0, 0, 0).transpose(1, 2);
+    dweights = (g * f.zd).sum(-1).mul_(s);
+    if (needs[7]) {
+      out.dlora[5] = lora_weight_grad(f.zd, grad_out, f.order, f.offsets, coef, 0.0, 0, 0).transpose(1, 2);
     }
   }
 
   // The fused SwiGLU: dG, dU, the routing weights' share, dz and the expert weights.
   auto [dG, dU, dw, dzg, dzu, dBg, dBu, dAd] = moe_swiglu_backward(
-      dhbar, Ad.has_value() ? optional(grad_zd) : std::nullopt, G, U, ids, weights, zg, Bg, zu,
-      Bu, Ad, order, offsets, s, activation, p, seed);
+      dhbar, Ad.defined() ? optional(grad_zd) : std::nullopt, f.G, f.U, f.ids, f.weights,
+      optional(f.zg), optional(Bg), optional(f.zu), optional(Bu), optional(Ad), f.order,
+      f.offsets, s, activation, p, seed);
   dweights = dweights.defined() ? dweights.add_(dw) : dw;
   dhbar.reset();  // ([T, I]: not held while dx is formed; the peak is in this pass)
   grad_zd.reset();
 
   // dx: the router's term, the frozen projections accumulated onto it by their GEMMs
   // (beta = 1), then the gate / up shrinks' (expands through A^T with the forward's masks).
-  const auto dlogits = topk_gating_backward(dweights, grad_probs, weights, ids, probs);
-  auto [dx, drouter] = router_logits_backward(dlogits, x, router.to(acc_type(x.scalar_type())));
-  dx.addmm_(dG, gate_weight);
-  dx.addmm_(dU, up_weight);
+  const auto dlogits = topk_gating_backward(dweights, grad_probs, f.weights, f.ids, f.probs);
+  std::tie(out.dx, out.drouter) = router_logits_backward(dlogits, x, as_dtype(router, acc_type(x.scalar_type())));
+  out.dx.addmm_(dG, gate_weight);
+  out.dx.addmm_(dU, up_weight);
   dG.reset();
   dU.reset();
 
-  at::Tensor dAg, dAu;
-  const at::Tensor Ag = value_or_undefined(Ag_in), Au = value_or_undefined(Au_in);
   if (p == 0 && Ag.defined() && Au.defined()) {
     // Without dropout both shrinks see the same x: their dx terms are one expand and their
     // weight gradients one lora_weight_grad, over the two LoRAs' ranks side by side (one pass
     // over x and one [T, H] add fewer; bench/NOTES.md v5e).
     const int64_t Rg = Ag.size(1);
     const auto dz = at::cat({dzg, dzu}, -1);                                     // [T, k, Rg + Ru]
-    dx.add_(lora_expand(dz, at::cat({Ag, Au}, 1).transpose(1, 2), ids, std::nullopt, 0.0, 0, 0));
-    if (needs_grad[2] || needs_grad[4]) {
-      const auto dA = lora_weight_grad(dz, x, order, offsets, std::nullopt, 0.0, 0, 0);
-      if (needs_grad[2]) dAg = dA.slice(1, 0, Rg).contiguous();
-      if (needs_grad[4]) dAu = dA.slice(1, Rg).contiguous();
+    out.dx.add_(lora_expand(dz, at::cat({Ag, Au}, 1).transpose(1, 2), f.ids, std::nullopt, 0.0, 0, 0));
+    if (needs[2] || needs[4]) {
+      const auto dA = lora_weight_grad(dz, x, f.order, f.offsets, std::nullopt, 0.0, 0, 0);
+      if (needs[2]) out.dlora[0] = dA.slice(1, 0, Rg).contiguous();
+      if (needs[4]) out.dlora[2] = dA.slice(1, Rg).contiguous();
     }
   } else {
     auto shrink_backward = [&](const at::Tensor& A, const at::Tensor& dz, int64_t stream,
                                bool needed) {  // dx += drop(dz A); dA if needed
       if (!A.defined()) return at::Tensor();
-      dx.add_(lora_expand(dz, A.transpose(1, 2), ids, std::nullopt, p, seed, stream));
-      return needed ? lora_weight_grad(dz, x, order, offsets, std::nullopt, p, seed, stream)
+      out.dx.add_(lora_expand(dz, A.transpose(1, 2), f.ids, std::nullopt, p, seed, stream));
+      return needed ? lora_weight_grad(dz, x, f.order, f.offsets, std::nullopt, p, seed, stream)
                     : at::Tensor();
     };
-    dAg = shrink_backward(Ag, dzg, kStreamGate, needs_grad[2]);
-    dAu = shrink_backward(Au, dzu, kStreamUp, needs_grad[4]);
+    out.dlora[0] = shrink_backward(Ag, dzg, kStreamGate, needs[2]);
+    out.dlora[2] = shrink_backward(Au, dzu, kStreamUp, needs[4]);
+  }
+  // (An absent weight needs no gradient: its [0]-shaped placeholder is not returned.)
+  if (needs[3]) out.dlora[1] = dBg;
+  if (needs[5]) out.dlora[3] = dBu;
+  if (needs[6]) out.dlora[4] = dAd;
+  return out;
+}
+
+// The forward alone: no grad mode, fake tensors, and below the Autograd key.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn(
+    const at::Tensor& x, const at::Tensor& gate_weight, const OptTensor& gate_bias,
+    const at::Tensor& up_weight, const OptTensor& up_bias, const at::Tensor& down_weight,
+    const OptTensor& down_bias, const at::Tensor& router, const OptTensor& Ag,
+    const OptTensor& Bg, const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
+    const OptTensor& Bd, int64_t top_k, double scale, int64_t activation, double dropout_p,
+    int64_t seed) {
+  const Step s = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight,
+                              down_bias, router, {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}, top_k, scale,
+                              activation, dropout_p, seed, /*save=*/false);
+  return {s.out, s.probs, s.ids};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& gate_weight, const OptTensor& gate_bias,
+                               const at::Tensor& up_weight, const OptTensor& up_bias,
+                               const at::Tensor& down_weight, const OptTensor& down_bias,
+                               const at::Tensor& router, const OptTensor& Ag, const OptTensor& Bg,
+                               const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
+                               const OptTensor& Bd, int64_t top_k, double scale,
+                               int64_t activation, double dropout_p, int64_t seed) {
+    const LoraInputs lora_in{&Ag, &Bg, &Au, &Bu, &Ad, &Bd};
+    for (const at::Tensor* w : {&gate_weight, &up_weight, &down_weight}) {
+      TORCH_CHECK(!w->requires_grad(),
+                  "mixlora: expert_ffn's frozen MLP weights must not require grad (MixLoRAFFN "
+                  "freezes them; a trainable base MLP takes the per-op path)");
+    }
+    // Which gradients the backward computes: x, router, then the LoRA weights (by the inputs:
+    // this Function's node exists only when one of them requires grad).
+    c10::List<bool> needs({x.requires_grad(), router.requires_grad()});
+    c10::List<int64_t> dtypes({static_cast<int64_t>(router.scalar_type())});
+    for (const OptTensor* w : lora_in) {
+      needs.push_back(w->has_value() && (*w)->requires_grad());
+      dtypes.push_back(static_cast<int64_t>(w->has_value() ? (*w)->scalar_type() : x.scalar_type()));
+    }
+    Step s;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;  // the ops' own autograd (ops.py) is not wanted
+      s = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
+                       router, lora_in, top_k, scale, activation, dropout_p, seed, /*save=*/true);
+    }
+    ctx->mark_non_differentiable({s.ids});
+    const auto& L = s.lora;
+    ctx->save_for_backward({x, gate_weight, up_weight, down_weight, router, s.probs, s.ids,
+                            s.weights, s.G, s.U, s.zg, s.zu, s.zd, s.order, s.offsets, L[0], L[1],
+                            L[2], L[3], L[4], L[5]});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["needs"] = needs;
+    ctx->saved_data["dtypes"] = dtypes;
+    return {s.out, s.probs, s.ids};
   }
 
-  // (An absent weight's input needs no grad, so its [0]-shaped placeholder is dropped.)
-  auto keep = [&](at::Tensor g, int i) { return needs_grad[i] ? g : at::Tensor(); };
-  return optionals({keep(dx, 0), keep(drouter, 1), keep(dAg, 2), keep(dBg, 3), keep(dAu, 4),
-                    keep(dBu, 5), keep(dAd, 6), keep(dBd, 7)});
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "mixlora: the backward of MixLoRAFFN's expert FFN is not differentiable (no "
+                "create_graph / double backward)");
+    // Unpacked first, with autograd on: under non-reentrant activation checkpointing this
+    // re-runs the checkpointed forward, which must record autograd as usual.
+    const variable_list v = ctx->get_saved_variables();
+    Step f;
+    f.probs = v[5], f.ids = v[6], f.weights = v[7], f.G = v[8], f.U = v[9], f.zg = v[10];
+    f.zu = v[11], f.zd = v[12], f.order = v[13], f.offsets = v[14];
+    f.lora = {v[15], v[16], v[17], v[18], v[19], v[20]};
+    const auto needs_list = ctx->saved_data["needs"].toBoolList();
+    const auto dtypes = ctx->saved_data["dtypes"].toIntList();
+    Needs needs;
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = needs_list.get(i);
+    Grads g;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      g = step_backward(grads[0], grads[1], v[0], v[1], v[2], v[3], v[4], f,
+                        ctx->saved_data["scale"].toDouble(), ctx->saved_data["activation"].toInt(),
+                        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["seed"].toInt(),
+                        needs);
+      // The router and LoRA gradients in their parameters' dtypes.
+      auto as_param = [&](const at::Tensor& grad, size_t i) {
+        return grad.defined() ? as_dtype(grad, static_cast<at::ScalarType>(dtypes.get(i))) : grad;
+      };
+      g.drouter = needs[1] ? as_param(g.drouter, 0) : at::Tensor();
+      for (size_t i = 0; i < g.dlora.size(); ++i) g.dlora[i] = as_param(g.dlora[i], i + 1);
+    }
+    // One gradient per forward argument (undefined for the frozen MLP's and the non-tensors).
+    const at::Tensor none;
+    const auto& d = g.dlora;
+    return {needs[0] ? g.dx : none, none, none, none, none, none, none, g.drouter,
+            d[0], d[1], d[2], d[3], d[4], d[5], none, none, none, none, none};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
+    const at::Tensor& x, const at::Tensor& gate_weight, const OptTensor& gate_bias,
+    const at::Tensor& up_weight, const OptTensor& up_bias, const at::Tensor& down_weight,
+    const OptTensor& down_bias, const at::Tensor& router, const OptTensor& Ag,
+    const OptTensor& Bg, const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
+    const OptTensor& Bd, int64_t top_k, double scale, int64_t activation, double dropout_p,
+    int64_t seed) {
+  bool track = at::GradMode::is_enabled() && (x.requires_grad() || router.requires_grad());
+  for (const OptTensor* w : {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}) {
+    track = track || (at::GradMode::is_enabled() && w->has_value() && (*w)->requires_grad());
+  }
+  if (!track) {  // no autograd node: nothing to sort or keep
+    at::AutoDispatchBelowADInplaceOrView below;
+    return expert_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
+                      router, Ag, Bg, Au, Bu, Ad, Bd, top_k, scale, activation, dropout_p, seed);
+  }
+  const auto outs = ExpertFFNFunction::apply(x, gate_weight, gate_bias, up_weight, up_bias,
+                                             down_weight, down_bias, router, Ag, Bg, Au, Bu, Ad,
+                                             Bd, top_k, scale, activation, dropout_p, seed);
+  return {outs[0], outs[1], outs[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mixlora, CompositeExplicitAutograd, m) {
   m.impl("expert_ffn", &expert_ffn);
-  m.impl("expert_ffn_backward", &expert_ffn_backward);
+}
+
+TORCH_LIBRARY_IMPL(mixlora, Autograd, m) {
+  m.impl("expert_ffn", &expert_ffn_autograd);
 }
 
 }  // namespace mixlora
