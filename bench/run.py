@@ -6,8 +6,9 @@
 For each shape: forward and forward+backward (gradients for x, the router and every LoRA
 weight; the base MLP frozen) of the reference, of MixLoRAFFN and of the dense MLP; peak extra
 memory (GPU); ratios to the dense MLP; achieved TFLOP/s against the frozen GEMM work of the
-shape (6*T*H*I forward, twice that forward+backward). Writes a table to stdout, JSON and a PNG
-plot of the ratios to bench/results/ (or --out).
+shape (6*T*H*I forward, twice that forward+backward). The layer is in training mode; rows with
+p > 0 have LoRA dropout on (the usual fine-tuning setting), the others none. Writes a table to
+stdout, JSON and a PNG plot of the ratios to bench/results/ (or --out).
 GPU times: CUDA events around each call, median of many calls after warm-up.
 """
 from __future__ import annotations
@@ -26,14 +27,16 @@ from torch import nn
 import mixlora_ext
 from mixlora_ext import MixLoRAConfig, MixLoRAFFN, reference_forward
 
-GPU_SHAPES = [  # (H, I, T, E, r)
-    *[(4096, 11008, t, 8, 16) for t in (1, 8, 16, 512, 4096, 16384)],
-    *[(4096, 14336, t, 8, 16) for t in (1, 8, 16, 512, 4096, 16384)],
-    *[(2048, 5632, t, 8, 16) for t in (1, 8, 16, 512, 4096, 16384)],
-    (4096, 11008, 4096, 16, 16), (4096, 11008, 4096, 8, 64),
+GPU_SHAPES = [  # (H, I, T, E, r, LoRA dropout p)
+    *[(4096, 11008, t, 8, 16, 0.0) for t in (1, 8, 16, 512, 4096, 16384)],
+    *[(4096, 14336, t, 8, 16, 0.0) for t in (1, 8, 16, 512, 4096, 16384)],
+    *[(2048, 5632, t, 8, 16, 0.0) for t in (1, 8, 16, 512, 4096, 16384)],
+    (4096, 11008, 4096, 16, 16, 0.0), (4096, 11008, 4096, 8, 64, 0.0),
+    (4096, 11008, 4096, 8, 16, 0.05),
 ]
-QUICK_SHAPES = [(4096, 11008, 8, 8, 16), (4096, 11008, 4096, 8, 16), (2048, 5632, 2048, 8, 16)]
-CPU_SHAPES = [(256, 688, 64, 8, 16), (256, 688, 512, 8, 16), (512, 1376, 256, 8, 16)]
+QUICK_SHAPES = [(4096, 11008, 8, 8, 16, 0.0), (4096, 11008, 4096, 8, 16, 0.0),
+                (2048, 5632, 2048, 8, 16, 0.0)]
+CPU_SHAPES = [(256, 688, 64, 8, 16, 0.0), (256, 688, 512, 8, 16, 0.0), (512, 1376, 256, 8, 16, 0.0)]
 TOP_K = 2
 
 
@@ -91,12 +94,12 @@ def _peak_extra_mib(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def bench_shape(H, I, T, E, r, dtype, device, reps):
+def bench_shape(H, I, T, E, r, dropout, dtype, device, reps):
     torch.manual_seed(0)
     base = DenseMLP(H, I).to(device=device, dtype=dtype)
     for p in base.parameters():
         p.requires_grad_(False)
-    config = MixLoRAConfig(num_experts=E, top_k=TOP_K, r=r, lora_alpha=2 * r, lora_dropout=0.0)
+    config = MixLoRAConfig(num_experts=E, top_k=TOP_K, r=r, lora_alpha=2 * r, lora_dropout=dropout)
     layer = MixLoRAFFN(base, config).to(device)
     with torch.no_grad():  # B = 0 at init would let a broken kernel look fine; randomize it
         for p in layer.lora_B.values():
@@ -121,7 +124,7 @@ def bench_shape(H, I, T, E, r, dtype, device, reps):
         return run
 
     variants = {"dense": base, "fused": layer, "reference": lambda v: reference_forward(layer, v)}
-    row = dict(H=H, I=I, T=T, E=E, k=TOP_K, r=r, dtype=str(dtype).replace("torch.", ""))
+    row = dict(H=H, I=I, T=T, E=E, k=TOP_K, r=r, dropout=dropout, dtype=str(dtype).replace("torch.", ""))
     for name, fn in variants.items():
         reps_here = max(3, reps // 4) if name == "reference" else reps
         row[f"{name}_fwd_ms"] = time_ms(forward(fn), reps_here)
@@ -143,13 +146,13 @@ def _fmt(v, spec):
 
 
 def print_table(rows):
-    head = (f"{'H':>5} {'I':>6} {'T':>6} {'E':>3} {'r':>3} | {'dense f/fb ms':>15} | {'fused f/fb ms':>15} | "
+    head = (f"{'H':>5} {'I':>6} {'T':>6} {'E':>3} {'r':>3} {'p':>4} | {'dense f/fb ms':>15} | {'fused f/fb ms':>15} | "
             f"{'ref f/fb ms':>15} | {'x dense f/fb':>12} | {'x faster than ref f/fb':>22} | "
             f"{'peak MiB d/f/ref':>18} | {'TFLOP/s f/fb':>12}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['H']:>5} {r['I']:>6} {r['T']:>6} {r['E']:>3} {r['r']:>3} | "
+        print(f"{r['H']:>5} {r['I']:>6} {r['T']:>6} {r['E']:>3} {r['r']:>3} {r['dropout']:>4.2g} | "
               f"{r['dense_fwd_ms']:>7.3f}/{r['dense_fwdbwd_ms']:<7.3f} | "
               f"{r['fused_fwd_ms']:>7.3f}/{r['fused_fwdbwd_ms']:<7.3f} | "
               f"{r['reference_fwd_ms']:>7.2f}/{r['reference_fwdbwd_ms']:<7.2f} | "
@@ -168,7 +171,8 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    labels = [f"{r['H']}x{r['I']}\nT={r['T']} E={r['E']} r={r['r']}" for r in rows]
+    labels = [f"{r['H']}x{r['I']}\nT={r['T']} E={r['E']} r={r['r']}" + (f" p={r['dropout']}" if r['dropout'] else "")
+              for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 5))
     ax.bar([i - 0.2 for i in xs], [r["ratio_fwd"] for r in rows], 0.4, label="forward")
