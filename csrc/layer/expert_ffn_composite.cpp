@@ -294,6 +294,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn(
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The autograd node of a step. Its forward only keeps what the step computed before
+// (expert_ffn_autograd runs step_forward outside Function::apply, so that an error in the step
+// is raised with no half-built node on the stack: on torch 2.11 one thrown inside apply
+// crashed the process) and returns the step's outputs.
 class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
@@ -302,28 +306,17 @@ class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
                                const at::Tensor& down_weight, const OptTensor& down_bias,
                                const at::Tensor& router, const OptTensor& Ag, const OptTensor& Bg,
                                const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
-                               const OptTensor& Bd, int64_t top_k, double scale,
+                               const OptTensor& Bd, const Step* step, double scale,
                                int64_t activation, double dropout_p, int64_t seed) {
-    const LoraInputs lora_in{&Ag, &Bg, &Au, &Bu, &Ad, &Bd};
-    for (const at::Tensor* w : {&gate_weight, &up_weight, &down_weight}) {
-      TORCH_CHECK(!w->requires_grad(),
-                  "mixlora: expert_ffn's frozen MLP weights must not require grad (MixLoRAFFN "
-                  "freezes them; a trainable base MLP takes the per-op path)");
-    }
     // Which gradients the backward computes: x, router, then the LoRA weights (by the inputs:
     // this Function's node exists only when one of them requires grad).
     c10::List<bool> needs({x.requires_grad(), router.requires_grad()});
     c10::List<int64_t> dtypes({static_cast<int64_t>(router.scalar_type())});
-    for (const OptTensor* w : lora_in) {
+    for (const OptTensor* w : {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}) {
       needs.push_back(w->has_value() && (*w)->requires_grad());
       dtypes.push_back(static_cast<int64_t>(w->has_value() ? (*w)->scalar_type() : x.scalar_type()));
     }
-    Step s;
-    {
-      at::AutoDispatchBelowADInplaceOrView below;  // the ops' own autograd (ops.py) is not wanted
-      s = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
-                       router, lora_in, top_k, scale, activation, dropout_p, seed, /*save=*/true);
-    }
+    const Step& s = *step;
     ctx->mark_non_differentiable({s.ids});
     const auto& L = s.lora;
     ctx->save_for_backward({x, gate_weight, up_weight, down_weight, router, s.probs, s.ids,
@@ -391,9 +384,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
     return expert_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
                       router, Ag, Bg, Au, Bu, Ad, Bd, top_k, scale, activation, dropout_p, seed);
   }
+  for (const at::Tensor* w : {&gate_weight, &up_weight, &down_weight}) {
+    TORCH_CHECK(!w->requires_grad(),
+                "mixlora: expert_ffn's frozen MLP weights must not require grad (MixLoRAFFN "
+                "freezes them; a trainable base MLP takes the per-op path)");
+  }
+  Step step;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;  // the ops' own autograd (ops.py) is not wanted
+    step = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
+                        router, {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}, top_k, scale, activation,
+                        dropout_p, seed, /*save=*/true);
+  }
   const auto outs = ExpertFFNFunction::apply(x, gate_weight, gate_bias, up_weight, up_bias,
                                              down_weight, down_bias, router, Ag, Bg, Au, Bu, Ad,
-                                             Bd, top_k, scale, activation, dropout_p, seed);
+                                             Bd, &step, scale, activation, dropout_p, seed);
   return {outs[0], outs[1], outs[2]};
 }
 
