@@ -128,7 +128,6 @@ at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
 // A tensor as an optional input (absent when undefined).
 OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-
 // The LoRA weights Ag, Bg, Au, Bu, Ad, Bd (undefined where absent).
 using LoraWeights = std::array<at::Tensor, 6>;
 using LoraInputs = std::array<const OptTensor*, 6>;
@@ -375,11 +374,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
     const OptTensor& Bg, const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
     const OptTensor& Bd, int64_t top_k, double scale, int64_t activation, double dropout_p,
     int64_t seed) {
-  bool track = at::GradMode::is_enabled() && (x.requires_grad() || router.requires_grad());
+  bool any_requires_grad = x.requires_grad() || router.requires_grad();
   for (const OptTensor* w : {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}) {
-    track = track || (at::GradMode::is_enabled() && w->has_value() && (*w)->requires_grad());
+    any_requires_grad = any_requires_grad || (w->has_value() && (*w)->requires_grad());
   }
-  if (!track) {  // no autograd node: nothing to sort or keep
+  if (!at::GradMode::is_enabled() || !any_requires_grad) {  // no node: nothing to sort or keep
     at::AutoDispatchBelowADInplaceOrView below;
     return expert_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
                       router, Ag, Bg, Au, Bu, Ad, Bd, top_k, scale, activation, dropout_p, seed);
