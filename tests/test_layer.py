@@ -186,12 +186,28 @@ def test_bad_input_is_a_clear_error():
         MixLoRAFFN(mlp, MixLoRAConfig())
 
 
-def test_mismatched_expert_weights_are_a_clear_error():
+@pytest.mark.parametrize("grad", (True, False), ids=("grad", "no_grad"))
+def test_mismatched_expert_weights_are_a_clear_error(grad):
+    """Raised by an op inside the layer's step, with and without an autograd node to build
+    (on the device's torch 2.11 an error raised inside the C++ Function::apply once crashed
+    the process; bench/NOTES.md v6)."""
     layer = make_layer(num_experts=4)
     with torch.no_grad():
         layer.lora_B["gate_proj"] = nn.Parameter(torch.zeros(3, 24, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="must match the other expert weights"):
+    with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match="must match the other expert weights"):
         layer(torch.randn(5, 16, dtype=torch.float64))
+
+
+def test_expert_ffn_frozen_weights_requiring_grad_are_a_clear_error():
+    layer = make_layer(num_experts=4)
+    base = layer.base_layer
+    A, B = layer.lora_A, layer.lora_B
+    lora = [table[proj] for proj in ("gate_proj", "up_proj", "down_proj") for table in (A, B)]
+    base.gate_proj.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen MLP weights must not require grad"):
+        torch.ops.mixlora.expert_ffn(torch.randn(5, 16, dtype=torch.float64), base.gate_proj.weight,
+                                     None, base.up_proj.weight, None, base.down_proj.weight, None,
+                                     layer.router, *lora, 2, layer.scaling, layer.activation, 0.0, 0)
 
 
 def test_module_plumbing():

@@ -293,10 +293,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn(
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The autograd node of a step. Its forward only keeps what the step computed before
-// (expert_ffn_autograd runs step_forward outside Function::apply, so that an error in the step
-// is raised with no half-built node on the stack: on torch 2.11 one thrown inside apply
-// crashed the process) and returns the step's outputs.
+// The autograd node of a step. Its forward only keeps what the step computed before and
+// returns the step's outputs: expert_ffn_autograd runs step_forward outside Function::apply,
+// so an error in the step is raised before any node exists (on the device's torch 2.11 an
+// error thrown inside apply crashed the process; bench/NOTES.md v6).
 class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
