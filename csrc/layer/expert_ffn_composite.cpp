@@ -17,6 +17,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -174,7 +175,7 @@ Step step_forward(const at::Tensor& x, const at::Tensor& gate_weight, const OptT
   // The frozen GEMMs first: on a GPU they run while the small ops below are issued.
   s.G = at::linear(x, gate_weight, gate_bias);                                     // [T, I]
   s.U = at::linear(x, up_weight, up_bias);                                         // [T, I]
-  const auto logits = router_logits(x, as_dtype(router, acc_type(dtype)));                // [T, E] acc
+  const auto logits = router_logits(x, as_dtype(router, acc_type(dtype)));         // [T, E] acc
   std::tie(s.weights, s.ids, s.probs) = topk_gating(logits, top_k);
   s.lora = cast_lora(lora_in, dtype);
   const auto& [Ag, Bg, Au, Bu, Ad, Bd] = s.lora;
@@ -240,7 +241,8 @@ Grads step_backward(const at::Tensor& grad_out_in, const at::Tensor& grad_probs,
   // dx: the router's term, the frozen projections accumulated onto it by their GEMMs
   // (beta = 1), then the gate / up shrinks' (expands through A^T with the forward's masks).
   const auto dlogits = topk_gating_backward(dweights, grad_probs, f.weights, f.ids, f.probs);
-  std::tie(out.dx, out.drouter) = router_logits_backward(dlogits, x, as_dtype(router, acc_type(x.scalar_type())));
+  std::tie(out.dx, out.drouter) =
+      router_logits_backward(dlogits, x, as_dtype(router, acc_type(x.scalar_type())));
   out.dx.addmm_(dG, gate_weight);
   out.dx.addmm_(dU, up_weight);
   dG.reset();
@@ -305,14 +307,11 @@ class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
                                const at::Tensor& down_weight, const OptTensor& down_bias,
                                const at::Tensor& router, const OptTensor& Ag, const OptTensor& Bg,
                                const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
-                               const OptTensor& Bd, const Step* step, double scale,
-                               int64_t activation, double dropout_p, int64_t seed) {
-    // Which gradients the backward computes: x, router, then the LoRA weights (by the inputs:
-    // this Function's node exists only when one of them requires grad).
-    c10::List<bool> needs({x.requires_grad(), router.requires_grad()});
-    c10::List<int64_t> dtypes({static_cast<int64_t>(router.scalar_type())});
+                               const OptTensor& Bd, const Step* step, const Needs& needs,
+                               double scale, int64_t activation, double dropout_p,
+                               int64_t seed) {
+    c10::List<int64_t> dtypes({static_cast<int64_t>(router.scalar_type())});  // the params'
     for (const OptTensor* w : {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}) {
-      needs.push_back(w->has_value() && (*w)->requires_grad());
       dtypes.push_back(static_cast<int64_t>(w->has_value() ? (*w)->scalar_type() : x.scalar_type()));
     }
     const Step& s = *step;
@@ -325,7 +324,9 @@ class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
-    ctx->saved_data["needs"] = needs;
+    c10::List<bool> needs_list;
+    for (bool n : needs) needs_list.push_back(n);
+    ctx->saved_data["needs"] = needs_list;
     ctx->saved_data["dtypes"] = dtypes;
     return {s.out, s.probs, s.ids};
   }
@@ -363,7 +364,7 @@ class ExpertFFNFunction : public torch::autograd::Function<ExpertFFNFunction> {
     const at::Tensor none;
     const auto& d = g.dlora;
     return {needs[0] ? g.dx : none, none, none, none, none, none, none, g.drouter,
-            d[0], d[1], d[2], d[3], d[4], d[5], none, none, none, none, none};
+            d[0], d[1], d[2], d[3], d[4], d[5], none, none, none, none, none, none};
   }
 };
 
@@ -374,11 +375,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
     const OptTensor& Bg, const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
     const OptTensor& Bd, int64_t top_k, double scale, int64_t activation, double dropout_p,
     int64_t seed) {
-  bool any_requires_grad = x.requires_grad() || router.requires_grad();
-  for (const OptTensor* w : {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}) {
-    any_requires_grad = any_requires_grad || (w->has_value() && (*w)->requires_grad());
+  // Which gradients a backward would compute: x, router, then the LoRA weights.
+  Needs needs{x.requires_grad(), router.requires_grad()};
+  const LoraInputs lora_in{&Ag, &Bg, &Au, &Bu, &Ad, &Bd};
+  for (size_t i = 0; i < lora_in.size(); ++i) {
+    needs[2 + i] = lora_in[i]->has_value() && (*lora_in[i])->requires_grad();
   }
-  if (!at::GradMode::is_enabled() || !any_requires_grad) {  // no node: nothing to sort or keep
+  const bool any_needed = std::find(needs.begin(), needs.end(), true) != needs.end();
+  if (!at::GradMode::is_enabled() || !any_needed) {  // no node: nothing to sort or keep
     at::AutoDispatchBelowADInplaceOrView below;
     return expert_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
                       router, Ag, Bg, Au, Bu, Ad, Bd, top_k, scale, activation, dropout_p, seed);
@@ -392,12 +396,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
   {
     at::AutoDispatchBelowADInplaceOrView below;  // the ops' own autograd (ops.py) is not wanted
     step = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
-                        router, {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}, top_k, scale, activation,
-                        dropout_p, seed, /*save=*/true);
+                        router, lora_in, top_k, scale, activation, dropout_p, seed,
+                        /*save=*/true);
   }
   const auto outs = ExpertFFNFunction::apply(x, gate_weight, gate_bias, up_weight, up_bias,
                                              down_weight, down_bias, router, Ag, Bg, Au, Bu, Ad,
-                                             Bd, &step, scale, activation, dropout_p, seed);
+                                             Bd, &step, needs, scale, activation, dropout_p,
+                                             seed);
   return {outs[0], outs[1], outs[2]};
 }
 
