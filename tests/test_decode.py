@@ -91,7 +91,7 @@ def test_decode_matches_reference(case, dtype, lora_dtype):
     assert not torch.isnan(out).any() and (ids >= 0).all()
     _, want_probs, want_ids = composed(layer, x)
     assert torch.equal(ids, want_ids)
-    torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probs, want_probs, atol=1e-5, rtol=1e-4)  # logits summed in another order
 
     ref_layer = copy.deepcopy(layer)  # the LoRA weights' values in float32, as the reference takes them
     for p in list(ref_layer.lora_A.values()) + list(ref_layer.lora_B.values()):
