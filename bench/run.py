@@ -2,6 +2,7 @@
 
     python bench/run.py             # GPU: the SPEC shapes; CPU: small shapes, under a minute
     python bench/run.py --quick     # GPU: a few shapes, fits in one device call with the build
+    python bench/run.py --tokens 1 8 16   # only the shapes with these token counts (decode)
 
 For each shape: forward and forward+backward (gradients for x, the router and every LoRA
 weight; the base MLP frozen) of the reference, of MixLoRAFFN and of the dense MLP; peak extra
@@ -199,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per measurement")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help="only the shapes with these T (e.g. --tokens 1 8 16: the decode rows)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
 
@@ -206,6 +209,8 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
     shapes = (QUICK_SHAPES if args.quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
+    if args.tokens:
+        shapes = [s for s in shapes if s[2] in args.tokens]
     reps = args.reps or (50 if on_gpu else 5)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
