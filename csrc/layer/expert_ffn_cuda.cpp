@@ -17,8 +17,8 @@
 namespace mixlora {
 namespace {
 
-// Tokens up to which the decode path is taken (bench/NOTES.md v7: at 32 tokens its
-// one-thread-per-column kernels no longer beat the composed path's).
+// Tokens up to which the decode path is taken: the decode targets' token counts (1, 8, 16;
+// bench/NOTES.md v7). Above 16 it has not been measured against the composed forward.
 constexpr int64_t kDecodeMaxTokens = 16;
 
 bool decode_dtype(at::ScalarType t) {
