@@ -1,5 +1,5 @@
 // Softmax and top-k of one token's router logits by one warp: the body of topk_gating_kernel,
-// shared with the decode path's route kernel (layer/decode_kernels.cu) so that both pick
+// shared with the decode path's swiglu kernel (layer/decode_kernels.cu) so that both pick
 // experts by the same rules. Device code (nvcc only).
 #pragma once
 #include <climits>

@@ -19,7 +19,7 @@ namespace {
 
 // Tokens up to which the decode path is taken: the decode targets' token counts (1, 8, 16;
 // bench/NOTES.md v7). Above 16 it has not been measured against the composed forward.
-constexpr int64_t kDecodeMaxTokens = 16;
+constexpr int64_t kDecodeMaxTokens = cuda::kDecodeMaxTokens;
 
 bool decode_dtype(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
@@ -129,21 +129,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
   auto probs = at::empty({T, E}, f32);
   auto ids = at::empty({T, top_k}, x.options().dtype(at::kInt));
   auto hbar = at::empty({T, I}, x.options());
-  // One float32 workspace: weights [T, k], z [T, k, Rg + Ru], the zd partials.
-  const int64_t n_weights = T * top_k, n_z = T * top_k * (p.Rg + p.Ru);
-  const int64_t n_partial = cuda::decode_column_tiles(I) * T * top_k * p.Rd;
-  auto workspace = at::empty({n_weights + n_z + n_partial}, f32);
-  float* ws = workspace.data_ptr<float>();
+  auto workspace = at::empty({cuda::decode_workspace_floats(p)}, f32);
   at::Tensor out = Bd.has_value() ? at::empty({T, H}, x.options()) : at::Tensor();
   p.G = G.const_data_ptr();
   p.U = U.const_data_ptr();
-  p.weights = ws;
-  p.z = ws + n_weights;
-  p.zd_partial = ws + n_weights + n_z;
   p.ids = ids.data_ptr<int32_t>();
   p.probs = probs.data_ptr<float>();
   p.hbar = hbar.data_ptr();
   p.y = Bd.has_value() ? out.data_ptr() : nullptr;
+  p.workspace = workspace.data_ptr<float>();
   C10_CUDA_CHECK(cuda::launch_expert_ffn_decode(p, c10::cuda::getCurrentCUDAStream()));
   if (Bd.has_value()) {  // y, then the frozen down GEMM onto it (beta = 1), as composed
     out.addmm_(hbar, down_weight.t());
