@@ -18,7 +18,6 @@ constexpr int64_t kShrinkMaxSplits = 8;
 constexpr int64_t kShrinkTargetBlocks = 256;    // ~2 per SM of an H100 (132)
 constexpr int kSwigluThreads = 128;  // columns of a swiglu block, one per thread
 constexpr int kSwigluWarps = kSwigluThreads / kWarpSize;
-constexpr int kSwigluMinBlocks = 5;  // per SM: <= 102 registers, one wave of 660 blocks on an H100
 constexpr int kExpandThreads = 128;  // columns of an expand block, one per thread
 constexpr int kExpandMaxParts = 8;   // threads that share one zd value's sum over the tiles
 constexpr int kRankChunk = 16;       // weights loaded together (in flight at once) per rank loop
@@ -70,44 +69,31 @@ __device__ __forceinline__ void load4(const half_t* p, float (&v)[4]) {
   for (int i = 0; i < 4; ++i) v[i] = to_acc(e[i]);
 }
 
-// w[v] = row[r0 + v] for r0 + v < R, else 0: kRankChunk weights of one row, all loads issued
-// before any use (at a few tokens these kernels wait on memory, not arithmetic). vec: R % 4 == 0
+// sum_r row[r] * z[r], r ascending (the order of the composed path's rank_cols): one thread's
+// row of R contiguous weights, kRankChunk of them loaded at once (not one load, then its use,
+// then the next: at a few tokens these kernels wait on memory, not arithmetic). vec: R % 4 == 0
 // and row aligned to 16 bytes.
 template <typename w_t>
-__device__ __forceinline__ void load_chunk(const w_t* row, int64_t r0, int64_t R, bool vec,
-                                           float (&w)[kRankChunk]) {
-  if (vec) {
-#pragma unroll
-    for (int q = 0; q < kRankChunk / 4; ++q) {
-      float v4[4] = {0.f, 0.f, 0.f, 0.f};
-      if (r0 + 4 * q < R) load4(row + r0 + 4 * q, v4);
-#pragma unroll
-      for (int v = 0; v < 4; ++v) w[4 * q + v] = v4[v];
-    }
-  } else {
-#pragma unroll
-    for (int v = 0; v < kRankChunk; ++v) w[v] = r0 + v < R ? load_f(row + r0 + v) : 0.f;
-  }
-}
-
-// sum += w[v] * z[r0 + v] for r0 + v < R, v ascending.
-__device__ __forceinline__ void dot_chunk(const float (&w)[kRankChunk], const float* z, int64_t r0,
-                                          int64_t R, float& sum) {
-#pragma unroll
-  for (int v = 0; v < kRankChunk; ++v) {
-    if (r0 + v < R) sum += w[v] * z[r0 + v];
-  }
-}
-
-// sum_r row[r] * z[r], r ascending (the order of the composed path's rank_cols), ranks from
-// r0 on, added to sum: one thread's row of R contiguous weights, a chunk at a time.
-template <typename w_t>
-__device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t R, bool vec,
-                                         int64_t r0 = 0, float sum = 0.f) {
-  for (; r0 < R; r0 += kRankChunk) {
+__device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t R, bool vec) {
+  float sum = 0;
+  for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
     float w[kRankChunk];
-    load_chunk(row, r0, R, vec, w);
-    dot_chunk(w, z, r0, R, sum);
+    if (vec) {
+#pragma unroll
+      for (int q = 0; q < kRankChunk / 4; ++q) {
+        float v4[4] = {0.f, 0.f, 0.f, 0.f};
+        if (r0 + 4 * q < R) load4(row + r0 + 4 * q, v4);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) w[4 * q + v] = v4[v];
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < kRankChunk; ++v) w[v] = r0 + v < R ? load_f(row + r0 + v) : 0.f;
+    }
+#pragma unroll
+    for (int v = 0; v < kRankChunk; ++v) {
+      if (r0 + v < R) sum += w[v] * z[r0 + v];
+    }
   }
   return sum;
 }
@@ -189,7 +175,7 @@ __global__ void __launch_bounds__(kShrinkThreads) decode_shrink_kernel(DecodePar
 // as the composed path's kernels), hbar = sum_j w_j h_j; the tile's share of zd[t, j, r] =
 // sum_i Ad[e, r, i] h_j[i]: over the warp (butterfly), then over the block's warps in order.
 template <typename scalar_t, typename w_t>
-__global__ void __launch_bounds__(kSwigluThreads, kSwigluMinBlocks) decode_swiglu_kernel(DecodeParams p, Layout l) {
+__global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodeParams p, Layout l) {
   __shared__ float logits[kDecodeMaxExperts];
   __shared__ float zs[kDecodeMaxSlots * 2 * kDecodeMaxRank];
   __shared__ float ws[kDecodeMaxSlots];
@@ -200,22 +186,11 @@ __global__ void __launch_bounds__(kSwigluThreads, kSwigluMinBlocks) decode_swigl
   const int64_t Rz = p.Rg + p.Ru;
   const float* part = l.part + t * l.rows;  // part[s * split_stride + row] for this token
   const int64_t split_stride = p.T * l.rows;
-  auto summed = [&](int64_t row) {  // the splits' loads all issued first, then added in order
-    float v[kShrinkMaxSplits];
-#pragma unroll
-    for (int sp = 0; sp < kShrinkMaxSplits; ++sp) v[sp] = sp < l.splits ? part[sp * split_stride + row] : 0.f;
+  auto summed = [&](int64_t row) {
     float s = 0;
-#pragma unroll
-    for (int sp = 0; sp < kShrinkMaxSplits; ++sp) {
-      if (sp < l.splits) s += v[sp];
-    }
+    for (int64_t sp = 0; sp < l.splits; ++sp) s += part[sp * split_stride + row];
     return s;
   };
-  // G and U do not depend on the routing: their loads go out before it.
-  const int64_t i = tile * kSwigluThreads + threadIdx.x;
-  const bool active = i < p.I;
-  const float G = active ? load_f(static_cast<const scalar_t*>(p.G) + t * p.I + i) : 0.f;
-  const float U = active ? load_f(static_cast<const scalar_t*>(p.U) + t * p.I + i) : 0.f;
   if (warp == 0) {
     static_assert(kDecodeMaxExperts <= 2 * kWarpSize, "two cached experts per lane");
     for (int64_t e = lane; e < p.E; e += kWarpSize) logits[e] = summed(e);
@@ -239,48 +214,33 @@ __global__ void __launch_bounds__(kSwigluThreads, kSwigluMinBlocks) decode_swigl
   const w_t* Bu = static_cast<const w_t*>(p.Bu);
   const w_t* Ad = static_cast<const w_t*>(p.Ad);
   const bool vec_g = vec_rows<w_t>(Bg, p.Rg), vec_u = vec_rows<w_t>(Bu, p.Ru);
+  const int64_t i = tile * kSwigluThreads + threadIdx.x;
+  const bool active = i < p.I;
+  const float G = active ? load_f(static_cast<const scalar_t*>(p.G) + t * p.I + i) : 0.f;
+  const float U = active ? load_f(static_cast<const scalar_t*>(p.U) + t * p.I + i) : 0.f;
   float hbar = 0;
   for (int64_t j = 0; j < p.k; ++j) {
     const int64_t e = es[j];
     assert(e >= 0 && e < p.E);
-    // The pair's first chunk of Bg, Bu (row i) and Ad (column i): loaded together, then used.
-    const w_t* bg = Bg != nullptr ? Bg + (e * p.I + i) * p.Rg : nullptr;
-    const w_t* bu = Bu != nullptr ? Bu + (e * p.I + i) * p.Ru : nullptr;
-    const w_t* ad = Ad != nullptr ? Ad + e * p.Rd * p.I + i : nullptr;  // Ad[e, r, i] at ad[r * I]
-    float wg[kRankChunk], wu[kRankChunk], wd[kRankChunk];
-    if (active && bg != nullptr) load_chunk(bg, 0, p.Rg, vec_g, wg);
-    if (active && bu != nullptr) load_chunk(bu, 0, p.Ru, vec_u, wu);
-    if (ad != nullptr) {
-#pragma unroll
-      for (int v = 0; v < kRankChunk; ++v) wd[v] = active && v < p.Rd ? load_f(ad + v * p.I) : 0.f;
-    }
     float h = 0;
     if (active) {
       float g = G, u = U;
-      if (bg != nullptr) {
-        float sum = 0;
-        dot_chunk(wg, zs + j * Rz, 0, p.Rg, sum);
-        g += p.scale * row_dot(bg, zs + j * Rz, p.Rg, vec_g, kRankChunk, sum);
-      }
-      if (bu != nullptr) {
-        float sum = 0;
-        dot_chunk(wu, zs + j * Rz + p.Rg, 0, p.Ru, sum);
-        u += p.scale * row_dot(bu, zs + j * Rz + p.Rg, p.Ru, vec_u, kRankChunk, sum);
-      }
+      if (Bg != nullptr) g += p.scale * row_dot(Bg + (e * p.I + i) * p.Rg, zs + j * Rz, p.Rg, vec_g);
+      if (Bu != nullptr) u += p.scale * row_dot(Bu + (e * p.I + i) * p.Ru, zs + j * Rz + p.Rg, p.Ru, vec_u);
       h = swiglu_point<float, float>(p.activation, p.scale, g, u, nullptr, nullptr, 0, nullptr,
                                      nullptr, 0).h;
       hbar += ws[j] * h;
     }
-    if (ad != nullptr) {
+    if (Ad != nullptr) {
+      const w_t* ad = Ad + e * p.Rd * p.I + i;  // Ad[e, r, i] at ad[r * I]
       for (int64_t r0 = 0; r0 < p.Rd; r0 += kRankChunk) {
-        if (r0 > 0) {
+        float a[kRankChunk];  // loaded together, then reduced
 #pragma unroll
-          for (int v = 0; v < kRankChunk; ++v) wd[v] = active && r0 + v < p.Rd ? load_f(ad + (r0 + v) * p.I) : 0.f;
-        }
+        for (int v = 0; v < kRankChunk; ++v) a[v] = active && r0 + v < p.Rd ? load_f(ad + (r0 + v) * p.I) : 0.f;
 #pragma unroll
         for (int v = 0; v < kRankChunk; ++v) {
           if (r0 + v < p.Rd) {
-            const float s = warp_sum(wd[v] * h);
+            const float s = warp_sum(a[v] * h);
             if (lane == 0) warp_sums[warp][j * p.Rd + r0 + v] = s;
           }
         }
