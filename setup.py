@@ -9,6 +9,7 @@ because a GPU happens to be visible. Overrides:
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -38,6 +39,14 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
 
 
+# Link the C++ runtime as a shared library, named before the driver's own -lstdc++: on the
+# device image (Ubuntu, gcc 13, torch 2.11) the extension came out with libstdc++'s code inside
+# it, and the first integer streamed into an error message (TORCH_CHECK) crashed the process
+# with a segmentation fault in that copy's locale code (bench/NOTES.md v7). Harmless where the
+# link was already dynamic.
+LINK_ARGS = ["-fopenmp"] + (["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else [])
+
+
 def _extension():
     use_cuda, reason = _want_cuda()
     # *_cpu.cpp: CPU kernels; *_composite.cpp: ops composed of the others, for every backend.
@@ -48,7 +57,7 @@ def _extension():
         print(f"mixlora_ext: building CPU kernels only ({reason})", flush=True)
         return cpp_extension.CppExtension(
             "mixlora_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=LINK_ARGS,
             define_macros=define_macros, py_limited_api=True,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -59,7 +68,7 @@ def _extension():
     return cpp_extension.CUDAExtension(
         "mixlora_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
-        extra_link_args=["-fopenmp"], define_macros=define_macros, py_limited_api=True,
+        extra_link_args=LINK_ARGS, define_macros=define_macros, py_limited_api=True,
     )
 
 

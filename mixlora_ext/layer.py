@@ -53,6 +53,9 @@ def _activation_code(name_or_module) -> int:
     return code
 
 
+_PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
 def _linear(module: nn.Module, name: str) -> nn.Linear:
     proj = getattr(module, name, None)
     if not isinstance(proj, nn.Linear):
@@ -79,7 +82,7 @@ class MixLoRAFFN(nn.Module):
 
     def __init__(self, base_mlp: nn.Module, config: MixLoRAConfig, hidden_act: Optional[str] = None):
         super().__init__()
-        gate, up, down = (_linear(base_mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))
+        gate, up, down = (_linear(base_mlp, n) for n in _PROJ_NAMES)
         hidden, inter = gate.in_features, gate.out_features
         if (up.in_features, up.out_features) != (hidden, inter) or \
                 (down.in_features, down.out_features) != (inter, hidden):
@@ -139,25 +142,33 @@ class MixLoRAFFN(nn.Module):
                 f"experts={self.num_experts}, top_k={self.top_k}, r={self.rank}, "
                 f"targets={list(self.lora_A)}, dora={self.use_dora}")
 
-    def _base_trains(self) -> bool:
-        """Whether a weight or bias of the frozen projections requires grad (the forward reads
-        no other parameter of base_layer; this is cheaper than iterating its parameters())."""
-        base = self.base_layer
-        for proj in (base.gate_proj, base.up_proj, base.down_proj):
-            if proj.weight.requires_grad or (proj.bias is not None and proj.bias.requires_grad):
-                return True
-        return False
+    def _frozen_tensors(self) -> list:
+        """Weight and bias of gate_proj, up_proj, down_proj (bias None when absent), read off the
+        modules' own tables: through nn.Module.__getattr__ these nine lookups cost ~15 us of
+        host time on this project's CPU, as much as a decode step's GPU kernels (bench/NOTES.md
+        v7); the tables cost ~1 us. Falls back to getattr for what a table does not hold."""
+        base = self._modules["base_layer"]
+        mods = base._modules
+        out = []
+        for name in _PROJ_NAMES:
+            proj = mods[name] if name in mods else getattr(base, name)
+            params = proj._parameters
+            out.append(params["weight"] if "weight" in params else proj.weight)
+            out.append(params["bias"] if "bias" in params else getattr(proj, "bias", None))
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
+        router = self._parameters["router"]
         if x.shape[-1] != self.hidden_size:
             raise ValueError(f"MixLoRAFFN: x must have last dimension {self.hidden_size} "
                              f"(hidden size), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"MixLoRAFFN: x must be floating point, got {x.dtype}")
-        if x.device != self.router.device:
+        if x.device != router.device:
             raise ValueError(f"MixLoRAFFN: x is on {x.device} but the layer's weights are on "
-                             f"{self.router.device}; move one of them (layer.to(x.device))")
-        x2 = x.reshape(-1, self.hidden_size)                                       # [T, H]
+                             f"{router.device}; move one of them (layer.to(x.device))")
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.hidden_size)                        # [T, H]
         if self.training and self.jitter_noise > 0:
             x2 = x2 * torch.empty_like(x2).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         dropout_p = self.lora_dropout if self.training else 0.0
@@ -168,8 +179,11 @@ class MixLoRAFFN(nn.Module):
         # bounds decode; bench/NOTES.md v5.)
         state = self.__dict__
         state["last_dropout_seed"] = seed
-        base = self.base_layer
-        if not self.use_dora and not torch.compiler.is_compiling() and not self._base_trains():
+        fused = not self.use_dora and not torch.compiler.is_compiling()
+        if fused:
+            frozen = self._frozen_tensors()
+            fused = not any(t is not None and t.requires_grad for t in frozen)
+        if fused:
             # Eager: the whole expert FFN as one op with a C++ autograd kernel (csrc/layer), the
             # same math with far less host work per step than the per-op autograd below, which
             # torch.compile traces instead (it has no host work per op to save) and which also
@@ -177,14 +191,13 @@ class MixLoRAFFN(nn.Module):
             # records no autograd node and keeps nothing for a backward.
             # (The ParameterDicts' own tables: their .get costs ~1.5 us a call on the host.)
             A, B = self.lora_A._parameters, self.lora_B._parameters
-            gate, up, down = base.gate_proj, base.up_proj, base.down_proj
             out, probs, ids = ops._ops.expert_ffn(
-                x2, gate.weight, gate.bias, up.weight, up.bias, down.weight, down.bias,
-                self.router, A.get("gate_proj"), B.get("gate_proj"), A.get("up_proj"),
+                x2, *frozen, router, A.get("gate_proj"), B.get("gate_proj"), A.get("up_proj"),
                 B.get("up_proj"), A.get("down_proj"), B.get("down_proj"), self.top_k,
                 self.scaling, self.activation, dropout_p, seed)
             state["last_probs"], state["last_ids"] = probs, ids
-            return out.reshape(x.shape)
+            return out if flat else out.reshape(x.shape)
+        base = self.base_layer
         acc = ops.acc_dtype(x2.dtype)
         logits = ops.router_logits(x2, self.router.to(acc))                        # [T, E]
         weights, ids, probs = ops.topk_gating(logits, self.top_k)                  # [T, k], [T, k], [T, E]

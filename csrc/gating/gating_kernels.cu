@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "gating/gating_kernels.cuh"
+#include "gating/topk_warp.cuh"
 
 namespace mixlora {
 namespace cuda {
@@ -176,95 +177,17 @@ __device__ __forceinline__ int64_t warp_token() {
   return int64_t(blockIdx.x) * kGatingWarps + threadIdx.x / kWarpSize;
 }
 
-// (p, e) comes before (p2, e2) in the top-k order: larger prob first, then lower expert index.
-template <typename acc_t>
-__device__ __forceinline__ bool ranks_before(acc_t p, int32_t e, acc_t p2, int32_t e2) {
-  return p > p2 || (p == p2 && e < e2);
-}
-
-// The first (p, e) of the warp in the top-k order; every lane ends with it (a total order, so
-// the butterfly's pairing does not matter).
-template <typename acc_t>
-__device__ __forceinline__ void warp_first(acc_t& p, int32_t& e) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const acc_t other_p = __shfl_xor_sync(kFullMask, p, offset);
-    const int32_t other_e = __shfl_xor_sync(kFullMask, e, offset);
-    if (ranks_before(other_p, other_e, p, e)) {
-      p = other_p;
-      e = other_e;
-    }
-  }
-}
-
-// One warp per token, softmax and top-k in acc. Lane l owns experts l, l + 32, ... With
-// kCached > 0 (E <= 32 * kCached) a lane keeps its probabilities in registers; with
-// kCached == 0 (any E) they live in the token's probs row, each lane rereading only what it
-// wrote. The j-th pick is the first expert, in (prob desc, index asc) order, that comes after
-// pick j - 1: no set of picked experts to keep.
+// One warp per token: softmax and top-k in acc (warp_softmax_topk, topk_warp.cuh).
 template <typename scalar_t, int kCached>
 __global__ void __launch_bounds__(kGatingWarps * kWarpSize) topk_gating_kernel(TopkGatingParams p) {
   using acc_t = acc_of<scalar_t>;
   const int64_t t = warp_token();
   if (t >= p.T) return;
-  const int lane = threadIdx.x % kWarpSize;
   const scalar_t* logits = static_cast<const scalar_t*>(p.logits) + t * p.E;  // [E]
-  acc_t* probs = static_cast<acc_t*>(p.probs) + t * p.E;                      // [E]
-  acc_t cached[kCached > 0 ? kCached : 1];
-  // f(prob slot, e) for each expert e this lane owns.
-  auto for_own = [&](auto&& f) {
-    if constexpr (kCached > 0) {
-#pragma unroll
-      for (int i = 0; i < kCached; ++i) {
-        const int64_t e = lane + int64_t(i) * kWarpSize;
-        if (e < p.E) f(cached[i], e);
-      }
-    } else {
-      for (int64_t e = lane; e < p.E; e += kWarpSize) f(probs[e], e);
-    }
-  };
-
-  acc_t max_logit = -INFINITY;
-  for_own([&](acc_t&, int64_t e) { max_logit = max(max_logit, to_acc(logits[e])); });
-  max_logit = warp_max(max_logit);
-  acc_t sum = 0;
-  for_own([&](acc_t& prob, int64_t e) {
-    prob = exp(to_acc(logits[e]) - max_logit);
-    sum += prob;
-  });
-  sum = warp_sum(sum);
-  for_own([&](acc_t& prob, int64_t e) {
-    prob /= sum;
-    if constexpr (kCached > 0) probs[e] = prob;
-  });
-
-  int32_t* ids = p.ids + t * p.k;                                  // [k]
-  acc_t* weights = static_cast<acc_t*>(p.weights) + t * p.k;       // [k]
-  acc_t prev_p = INFINITY;
-  int32_t prev_e = -1;
-  acc_t top_sum = 0;
-  for (int64_t j = 0; j < p.k; ++j) {
-    acc_t best_p = -INFINITY;
-    int32_t best_e = INT_MAX;
-    for_own([&](acc_t& prob, int64_t e) {
-      const int32_t e32 = static_cast<int32_t>(e);
-      if (ranks_before(prev_p, prev_e, prob, e32) && ranks_before(prob, e32, best_p, best_e)) {
-        best_p = prob;
-        best_e = e32;
-      }
-    });
-    warp_first(best_p, best_e);
-    if (best_e == INT_MAX) best_e = 0;  // only NaN probabilities left: keep the id in range
-    if (lane == 0) {
-      ids[j] = best_e;
-      weights[j] = best_p;
-    }
-    top_sum += best_p;
-    prev_p = best_p;
-    prev_e = best_e;
-  }
-  __syncwarp();  // lane 0's writes above, before the other lanes rescale them
-  for (int64_t j = lane; j < p.k; j += kWarpSize) weights[j] /= top_sum;
+  warp_softmax_topk<kCached>(
+      p.E, p.k, [&](int64_t e) { return to_acc(logits[e]); },
+      static_cast<acc_t*>(p.probs) + t * p.E, p.ids + t * p.k,
+      static_cast<acc_t*>(p.weights) + t * p.k);
 }
 
 // One warp per token; lane l owns experts l, l + 32, ... The grad_logits row first holds gp

@@ -22,13 +22,13 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "layer/expert_ffn.h"
 
 namespace mixlora {
 namespace {
 
 constexpr int64_t kStreamGate = 0, kStreamUp = 1;  // LoRA-dropout streams (dropout_rng.h)
 
-using OptTensor = std::optional<at::Tensor>;
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
@@ -278,20 +278,6 @@ Grads step_backward(const at::Tensor& grad_out_in, const at::Tensor& grad_probs,
   return out;
 }
 
-// The forward alone: no grad mode, fake tensors, and below the Autograd key.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn(
-    const at::Tensor& x, const at::Tensor& gate_weight, const OptTensor& gate_bias,
-    const at::Tensor& up_weight, const OptTensor& up_bias, const at::Tensor& down_weight,
-    const OptTensor& down_bias, const at::Tensor& router, const OptTensor& Ag,
-    const OptTensor& Bg, const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
-    const OptTensor& Bd, int64_t top_k, double scale, int64_t activation, double dropout_p,
-    int64_t seed) {
-  const Step s = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight,
-                              down_bias, router, {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}, top_k, scale,
-                              activation, dropout_p, seed, /*save=*/false);
-  return {s.out, s.probs, s.ids};
-}
-
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -383,9 +369,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
   }
   const bool any_needed = std::find(needs.begin(), needs.end(), true) != needs.end();
   if (!at::GradMode::is_enabled() || !any_needed) {  // no node: nothing to sort or keep
+    // Dispatched again below autograd: to the backend's kernel (CUDA: expert_ffn_cuda.cpp,
+    // the decode path for a few tokens) or else expert_ffn_forward.
+    static const auto h = op<ExpertFFNSig>("mixlora::expert_ffn");
     at::AutoDispatchBelowADInplaceOrView below;
-    return expert_ffn(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias,
-                      router, Ag, Bg, Au, Bu, Ad, Bd, top_k, scale, activation, dropout_p, seed);
+    return h.call(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, router,
+                  Ag, Bg, Au, Bu, Ad, Bd, top_k, scale, activation, dropout_p, seed);
   }
   for (const at::Tensor* w : {&gate_weight, &up_weight, &down_weight}) {
     TORCH_CHECK(!w->requires_grad(),
@@ -408,8 +397,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_autograd(
 
 }  // namespace
 
+// The forward alone: no grad mode, fake tensors, and below the Autograd key where the backend
+// has no kernel of its own (and the CUDA kernel's fallback).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_forward(
+    const at::Tensor& x, const at::Tensor& gate_weight, const OptTensor& gate_bias,
+    const at::Tensor& up_weight, const OptTensor& up_bias, const at::Tensor& down_weight,
+    const OptTensor& down_bias, const at::Tensor& router, const OptTensor& Ag,
+    const OptTensor& Bg, const OptTensor& Au, const OptTensor& Bu, const OptTensor& Ad,
+    const OptTensor& Bd, int64_t top_k, double scale, int64_t activation, double dropout_p,
+    int64_t seed) {
+  const Step s = step_forward(x, gate_weight, gate_bias, up_weight, up_bias, down_weight,
+                              down_bias, router, {&Ag, &Bg, &Au, &Bu, &Ad, &Bd}, top_k, scale,
+                              activation, dropout_p, seed, /*save=*/false);
+  return {s.out, s.probs, s.ids};
+}
+
 TORCH_LIBRARY_IMPL(mixlora, CompositeExplicitAutograd, m) {
-  m.impl("expert_ffn", &expert_ffn);
+  m.impl("expert_ffn", &expert_ffn_forward);
 }
 
 TORCH_LIBRARY_IMPL(mixlora, Autograd, m) {

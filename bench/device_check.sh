@@ -1,0 +1,33 @@
+#!/bin/bash
+# One device call (bench/NOTES.md v7): build for sm_90a, the layer tests on the device's torch
+# (the v6 crash check), the decode path's tests, its measurements (decode_micro.py and the
+# decode rows of run.py), test_cuda.py, then profiles of decode steps.
+# Everything goes to $OUT/check.log (the device tool's output folder; /tmp/device_check
+# elsewhere; the tool brings back at most 8 files), so a call cut short still returns what ran.
+#   device: bash bench/device_check.sh
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG=$OUT/check.log
+step() {  # step SECONDS TITLE COMMAND...: run with a time limit, its output into the log
+  local limit=$1 title=$2
+  shift 2
+  echo "=== $title ($(date +%T))" | tee -a $LOG
+  ( timeout $limit "$@" ) >> $LOG 2>&1
+  echo "=== $title: exit $? ($(date +%T))" | tee -a $LOG
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a $LOG
+python3 -c "import torch;print(torch.__version__)" | tee -a $LOG
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a
+step 420 build python3 -m pip install --no-build-isolation --no-deps . -q
+(cd /tmp && python3 -c "import mixlora_ext") >> $LOG 2>&1 || { tail -60 $LOG; exit 1; }
+step 120 test_layer pytest -q -x tests/test_layer.py
+step 180 test_decode pytest -q tests/test_decode.py
+step 120 decode_micro bash -c "cd bench && python3 decode_micro.py --T 1 8 16"
+step 300 bench_decode python3 bench/run.py --tokens 1 8 16 --out $OUT/bench_decode
+step 300 test_cuda pytest -q tests/test_cuda.py
+step 60 profile_T8 bash -c "cd bench && python3 profile_step.py --T 8"
+step 60 profile_T8_2048 bash -c "cd bench && python3 profile_step.py --T 8 --H 2048 --I 5632"
+step 60 profile_T8_14336 bash -c "cd bench && python3 profile_step.py --T 8 --I 14336"
+# The summary lines (the whole log comes back as a file).
+grep -E "^=== |passed|failed|error|Error" $LOG | tail -40

@@ -1,0 +1,359 @@
+// CUDA kernels of expert_ffn's decode path (layer/decode_kernels.cuh has the plan).
+#include <algorithm>
+#include <cassert>
+
+#include "gating/topk_warp.cuh"
+#include "layer/decode_kernels.cuh"
+#include "swiglu/swiglu_math.h"
+
+namespace mixlora {
+namespace cuda {
+namespace {
+
+constexpr int kShrinkWarps = 8;  // rows of a shrink block, one per warp
+constexpr int kShrinkThreads = kShrinkWarps * kWarpSize;
+constexpr int64_t kShrinkStep = kWarpSize * 4;  // columns of H a warp takes per step (4 a lane)
+constexpr int64_t kShrinkMinSplit = 512;        // columns of H per split, at least
+constexpr int64_t kShrinkMaxSplits = 8;
+constexpr int64_t kShrinkTargetBlocks = 256;    // ~2 per SM of an H100 (132)
+constexpr int kSwigluThreads = 128;  // columns of a swiglu block, one per thread
+constexpr int kSwigluWarps = kSwigluThreads / kWarpSize;
+constexpr int kExpandThreads = 128;  // columns of an expand block, one per thread
+constexpr int kExpandMaxParts = 8;   // threads that share one zd value's sum over the tiles
+constexpr int kRankChunk = 16;       // weights loaded together (in flight at once) per rank loop
+
+// Where the workspace's pieces are, and the grids' sizes (launch_all sets them).
+struct Layout {
+  float* weights;     // [T, k]: the routing weights
+  float* part;        // [splits, T, rows]: the shrink's partial sums
+  float* zd_partial;  // [tiles, T, k, Rd]: the swiglu tiles' partial sums
+  int64_t rows;       // E router rows, then E * Rg gate rows, then E * Ru up rows
+  int64_t splits;     // of H, by the shrink
+  int64_t split_cols; // columns of H per split (a multiple of kShrinkStep)
+  int64_t tiles;      // column tiles of I, by swiglu
+};
+
+Layout layout_of(const DecodeParams& p) {
+  Layout l{};
+  l.rows = p.E * (1 + p.Rg + p.Ru);
+  const int64_t row_blocks = (l.rows + kShrinkWarps - 1) / kShrinkWarps;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(kShrinkMaxSplits, p.H / kShrinkMinSplit));
+  l.splits = std::clamp<int64_t>((kShrinkTargetBlocks + row_blocks - 1) / row_blocks, 1, max_splits);
+  const int64_t cols = (p.H + l.splits - 1) / l.splits;
+  l.split_cols = (cols + kShrinkStep - 1) / kShrinkStep * kShrinkStep;
+  l.splits = (p.H + l.split_cols - 1) / l.split_cols;  // none empty after the rounding
+  l.tiles = (p.I + kSwigluThreads - 1) / kSwigluThreads;
+  return l;
+}
+
+int64_t workspace_floats(const DecodeParams& p, const Layout& l) {
+  return p.T * p.k + l.splits * p.T * l.rows + l.tiles * p.T * p.k * p.Rd;
+}
+
+// One value as float (read-only data).
+__device__ __forceinline__ float load_f(const float* p) { return __ldg(p); }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return to_acc(__ldg(p)); }
+__device__ __forceinline__ float load_f(const __half* p) { return to_acc(__ldg(p)); }
+
+// Four consecutive values as float: one 16-byte (float) or 8-byte (2-byte types) load, p
+// aligned to four elements.
+__device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
+  const float4 raw = __ldg(reinterpret_cast<const float4*>(p));
+  v[0] = raw.x, v[1] = raw.y, v[2] = raw.z, v[3] = raw.w;
+}
+template <typename half_t>
+__device__ __forceinline__ void load4(const half_t* p, float (&v)[4]) {
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+  const half_t* e = reinterpret_cast<const half_t*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = to_acc(e[i]);
+}
+
+// sum_r row[r] * z[r], r ascending (the order of the composed path's rank_cols): one thread's
+// row of R contiguous weights, kRankChunk of them loaded at once (not one load, then its use,
+// then the next: at a few tokens these kernels wait on memory, not arithmetic). vec: R % 4 == 0
+// and row aligned to 16 bytes.
+template <typename w_t>
+__device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t R, bool vec) {
+  float sum = 0;
+  for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
+    float w[kRankChunk];
+    if (vec) {
+#pragma unroll
+      for (int q = 0; q < kRankChunk / 4; ++q) {
+        float v4[4] = {0.f, 0.f, 0.f, 0.f};
+        if (r0 + 4 * q < R) load4(row + r0 + 4 * q, v4);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) w[4 * q + v] = v4[v];
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < kRankChunk; ++v) w[v] = r0 + v < R ? load_f(row + r0 + v) : 0.f;
+    }
+#pragma unroll
+    for (int v = 0; v < kRankChunk; ++v) {
+      if (r0 + v < R) sum += w[v] * z[r0 + v];
+    }
+  }
+  return sum;
+}
+
+template <typename w_t>
+__device__ __forceinline__ bool vec_rows(const void* base, int64_t R) {
+  return R % 4 == 0 && aligned16(base);
+}
+
+// acc[t] += row[c0 .. c1) . x[t, c0 .. c1) for every token: the warp's lanes take 4 columns
+// each per step, the row's values loaded once for all tokens (x's few rows stay in L1).
+template <typename scalar_t, typename a_t>
+__device__ __forceinline__ void shrink_row(const DecodeParams& p, const a_t* row, int64_t c0,
+                                           int64_t c1, bool vec, float (&acc)[kDecodeMaxTokens]) {
+  const int lane = threadIdx.x % kWarpSize;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  if (vec) {
+#pragma unroll 2
+    for (int64_t c = c0 + lane * 4; c < c1; c += kShrinkStep) {
+      float a[4];
+      load4(row + c, a);
+#pragma unroll
+      for (int t = 0; t < kDecodeMaxTokens; ++t) {
+        if (t < p.T) {
+          float xv[4];
+          load4(x + t * p.H + c, xv);
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[t] += a[v] * xv[v];
+        }
+      }
+    }
+  } else {
+    for (int64_t c = c0 + lane; c < c1; c += kWarpSize) {
+      const float a = load_f(row + c);
+#pragma unroll
+      for (int t = 0; t < kDecodeMaxTokens; ++t) {
+        if (t < p.T) acc[t] += a * load_f(x + t * p.H + c);
+      }
+    }
+  }
+}
+
+// Block (8 rows, split s of H); warp w row 8 blockIdx.x + w: the router's row e (e < E), else
+// a row of Ag or Au (every expert's). part[s, t, row] = row[split] . x[t, split] for all t.
+template <typename scalar_t, typename w_t>
+__global__ void __launch_bounds__(kShrinkThreads) decode_shrink_kernel(DecodeParams p, Layout l) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t row = int64_t(blockIdx.x) * kShrinkWarps + warp;
+  if (row >= l.rows) return;
+  const int64_t s = blockIdx.y;
+  const int64_t c0 = s * l.split_cols, c1 = c0 + l.split_cols < p.H ? c0 + l.split_cols : p.H;
+  const bool vec_x = p.H % 4 == 0 && aligned16(p.x);
+  float acc[kDecodeMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kDecodeMaxTokens; ++t) acc[t] = 0;
+  const int64_t gate_rows = p.E * p.Rg;
+  if (row < p.E) {
+    shrink_row<scalar_t>(p, p.router + row * p.H, c0, c1, vec_x && aligned16(p.router), acc);
+  } else if (row < p.E + gate_rows) {
+    const w_t* A = static_cast<const w_t*>(p.Ag);
+    shrink_row<scalar_t>(p, A + (row - p.E) * p.H, c0, c1, vec_x && aligned16(A), acc);
+  } else {
+    const w_t* A = static_cast<const w_t*>(p.Au);
+    shrink_row<scalar_t>(p, A + (row - p.E - gate_rows) * p.H, c0, c1, vec_x && aligned16(A), acc);
+  }
+  float* out = l.part + s * p.T * l.rows + row;
+#pragma unroll
+  for (int t = 0; t < kDecodeMaxTokens; ++t) {
+    if (t < p.T) {
+      const float sum = warp_sum(acc[t]);
+      if (lane == 0) out[t * l.rows] = sum;
+    }
+  }
+}
+
+// Block (column tile, token t); thread column i. First the routing of t and the LoRA
+// activations of its chosen experts, from the shrink's partials (splits in order). Then
+// g = G + s Bg[e, i, :] . zg (G without Bg), u likewise, h = act(g) u per pair (swiglu_math.h,
+// as the composed path's kernels), hbar = sum_j w_j h_j; the tile's share of zd[t, j, r] =
+// sum_i Ad[e, r, i] h_j[i]: over the warp (butterfly), then over the block's warps in order.
+template <typename scalar_t, typename w_t>
+__global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodeParams p, Layout l) {
+  __shared__ float logits[kDecodeMaxExperts];
+  __shared__ float zs[kDecodeMaxSlots * 2 * kDecodeMaxRank];
+  __shared__ float ws[kDecodeMaxSlots];
+  __shared__ int32_t es[kDecodeMaxSlots];
+  __shared__ float warp_sums[kSwigluWarps][kDecodeMaxSlots * kDecodeMaxRank];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t tile = blockIdx.x, t = blockIdx.y;
+  const int64_t Rz = p.Rg + p.Ru;
+  const float* part = l.part + t * l.rows;  // part[s * split_stride + row] for this token
+  const int64_t split_stride = p.T * l.rows;
+  auto summed = [&](int64_t row) {
+    float s = 0;
+    for (int64_t sp = 0; sp < l.splits; ++sp) s += part[sp * split_stride + row];
+    return s;
+  };
+  if (warp == 0) {
+    static_assert(kDecodeMaxExperts <= 2 * kWarpSize, "two cached experts per lane");
+    for (int64_t e = lane; e < p.E; e += kWarpSize) logits[e] = summed(e);
+    __syncwarp();
+    const bool writer = tile == 0;
+    warp_softmax_topk<2>(
+        p.E, p.k, [&](int64_t e) { return logits[e]; }, writer ? p.probs + t * p.E : nullptr, es, ws);
+    __syncwarp();
+    if (writer && lane < p.k) {
+      p.ids[t * p.k + lane] = es[lane];
+      l.weights[t * p.k + lane] = ws[lane];
+    }
+  }
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < p.k * Rz; idx += kSwigluThreads) {
+    const int64_t j = idx / Rz, c = idx % Rz, e = es[j];
+    zs[idx] = summed(c < p.Rg ? p.E + e * p.Rg + c : p.E + p.E * p.Rg + e * p.Ru + (c - p.Rg));
+  }
+  __syncthreads();
+  const w_t* Bg = static_cast<const w_t*>(p.Bg);
+  const w_t* Bu = static_cast<const w_t*>(p.Bu);
+  const w_t* Ad = static_cast<const w_t*>(p.Ad);
+  const bool vec_g = vec_rows<w_t>(Bg, p.Rg), vec_u = vec_rows<w_t>(Bu, p.Ru);
+  const int64_t i = tile * kSwigluThreads + threadIdx.x;
+  const bool active = i < p.I;
+  const float G = active ? load_f(static_cast<const scalar_t*>(p.G) + t * p.I + i) : 0.f;
+  const float U = active ? load_f(static_cast<const scalar_t*>(p.U) + t * p.I + i) : 0.f;
+  float hbar = 0;
+  for (int64_t j = 0; j < p.k; ++j) {
+    const int64_t e = es[j];
+    assert(e >= 0 && e < p.E);
+    float h = 0;
+    if (active) {
+      float g = G, u = U;
+      if (Bg != nullptr) g += p.scale * row_dot(Bg + (e * p.I + i) * p.Rg, zs + j * Rz, p.Rg, vec_g);
+      if (Bu != nullptr) u += p.scale * row_dot(Bu + (e * p.I + i) * p.Ru, zs + j * Rz + p.Rg, p.Ru, vec_u);
+      h = swiglu_point<float, float>(p.activation, p.scale, g, u, nullptr, nullptr, 0, nullptr,
+                                     nullptr, 0).h;
+      hbar += ws[j] * h;
+    }
+    if (Ad != nullptr) {
+      const w_t* ad = Ad + e * p.Rd * p.I + i;  // Ad[e, r, i] at ad[r * I]
+      for (int64_t r0 = 0; r0 < p.Rd; r0 += kRankChunk) {
+        float a[kRankChunk];  // loaded together, then reduced
+#pragma unroll
+        for (int v = 0; v < kRankChunk; ++v) a[v] = active && r0 + v < p.Rd ? load_f(ad + (r0 + v) * p.I) : 0.f;
+#pragma unroll
+        for (int v = 0; v < kRankChunk; ++v) {
+          if (r0 + v < p.Rd) {
+            const float s = warp_sum(a[v] * h);
+            if (lane == 0) warp_sums[warp][j * p.Rd + r0 + v] = s;
+          }
+        }
+      }
+    }
+  }
+  if (active) static_cast<scalar_t*>(p.hbar)[t * p.I + i] = from_acc<scalar_t>(hbar);
+  if (Ad == nullptr) return;
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < p.k * p.Rd; idx += kSwigluThreads) {
+    float s = 0;
+#pragma unroll
+    for (int w = 0; w < kSwigluWarps; ++w) s += warp_sums[w][idx];
+    l.zd_partial[(tile * p.T + t) * p.k * p.Rd + idx] = s;
+  }
+}
+
+// Block (column tile of H, token t); thread column h. zd[t] = the swiglu tiles' partials summed
+// in a fixed order (part m of the threads of a value takes tiles m, m + parts, ...; then the
+// parts in order), then y[t, h] = sum_j (w_j s) Bd[e_j, h, :] . zd[t, j, :].
+template <typename scalar_t, typename w_t>
+__global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodeParams p, Layout l) {
+  __shared__ float sums[kExpandMaxParts][kDecodeMaxSlots * kDecodeMaxRank];
+  __shared__ float zd[kDecodeMaxSlots * kDecodeMaxRank];
+  __shared__ float coef[kDecodeMaxSlots];
+  __shared__ int32_t es[kDecodeMaxSlots];
+  const int64_t t = blockIdx.y;
+  const int64_t n = p.k * p.Rd;  // zd values of the token
+  const int64_t fit = kExpandThreads / n;  // n >= 1 (Bd present)
+  const int parts = static_cast<int>(fit < 1 ? 1 : fit > kExpandMaxParts ? kExpandMaxParts : fit);
+  for (int64_t idx = threadIdx.x; idx < n * parts; idx += kExpandThreads) {
+    const int64_t v = idx % n, m = idx / n;
+    float s = 0;
+#pragma unroll 8
+    for (int64_t tile = m; tile < l.tiles; tile += parts) s += l.zd_partial[(tile * p.T + t) * n + v];
+    sums[m][v] = s;
+  }
+  if (threadIdx.x < p.k) {
+    coef[threadIdx.x] = l.weights[t * p.k + threadIdx.x] * p.scale;
+    es[threadIdx.x] = p.ids[t * p.k + threadIdx.x];
+  }
+  __syncthreads();
+  for (int64_t v = threadIdx.x; v < n; v += kExpandThreads) {
+    float s = 0;
+    for (int m = 0; m < parts; ++m) s += sums[m][v];
+    zd[v] = s;
+  }
+  __syncthreads();
+  const int64_t h = int64_t(blockIdx.x) * kExpandThreads + threadIdx.x;
+  if (h >= p.H) return;
+  const w_t* Bd = static_cast<const w_t*>(p.Bd);
+  const bool vec = vec_rows<w_t>(Bd, p.Rd);
+  float y = 0;
+  for (int64_t j = 0; j < p.k; ++j) {
+    y += coef[j] * row_dot(Bd + (es[j] * p.H + h) * p.Rd, zd + j * p.Rd, p.Rd, vec);
+  }
+  static_cast<scalar_t*>(p.y)[t * p.H + h] = from_acc<scalar_t>(y);
+}
+
+template <typename scalar_t, typename w_t>
+cudaError_t launch_all(const DecodeParams& p, cudaStream_t stream) {
+  Layout l = layout_of(p);
+  l.weights = p.workspace;
+  l.part = l.weights + p.T * p.k;
+  l.zd_partial = l.part + l.splits * p.T * l.rows;
+  const dim3 shrink_grid(static_cast<unsigned>((l.rows + kShrinkWarps - 1) / kShrinkWarps),
+                         static_cast<unsigned>(l.splits));
+  decode_shrink_kernel<scalar_t, w_t><<<shrink_grid, kShrinkThreads, 0, stream>>>(p, l);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  const dim3 swiglu_grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.T));
+  decode_swiglu_kernel<scalar_t, w_t><<<swiglu_grid, kSwigluThreads, 0, stream>>>(p, l);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  if (p.Bd == nullptr) return cudaSuccess;
+  const dim3 expand_grid(static_cast<unsigned>((p.H + kExpandThreads - 1) / kExpandThreads),
+                         static_cast<unsigned>(p.T));
+  decode_expand_kernel<scalar_t, w_t><<<expand_grid, kExpandThreads, 0, stream>>>(p, l);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+}  // namespace
+
+bool decode_supported(const DecodeParams& p) {
+  const bool dtype_ok = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16 ||
+                        p.dtype == DType::kFloat32;
+  if (!dtype_ok || (p.wdtype != DType::kFloat32 && p.wdtype != p.dtype)) return false;
+  if (p.T < 1 || p.T > kDecodeMaxTokens || p.H < 1 || p.I < 1) return false;
+  if (p.E < 1 || p.E > kDecodeMaxExperts || p.k < 1 || p.k > std::min(p.E, kDecodeMaxSlots)) return false;
+  if (std::max({p.Rg, p.Ru, p.Rd}) > kDecodeMaxRank) return false;
+  // Each LoRA whole or absent: A with its B (the ranks are the glue's to check).
+  if ((p.Ag == nullptr) != (p.Bg == nullptr) || (p.Au == nullptr) != (p.Bu == nullptr) ||
+      (p.Ad == nullptr) != (p.Bd == nullptr)) {
+    return false;
+  }
+  const Layout l = layout_of(p);
+  return l.tiles <= 65535 && (l.rows + kShrinkWarps - 1) / kShrinkWarps <= 65535;
+}
+
+int64_t decode_workspace_floats(const DecodeParams& p) { return workspace_floats(p, layout_of(p)); }
+
+cudaError_t launch_expert_ffn_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (!decode_supported(p)) return cudaErrorInvalidValue;
+  const bool own = p.wdtype == p.dtype;  // the weights in x's dtype, else float32
+  switch (p.dtype) {
+    case DType::kBFloat16:
+      return own ? launch_all<__nv_bfloat16, __nv_bfloat16>(p, stream)
+                 : launch_all<__nv_bfloat16, float>(p, stream);
+    case DType::kFloat16:
+      return own ? launch_all<__half, __half>(p, stream) : launch_all<__half, float>(p, stream);
+    default:
+      return launch_all<float, float>(p, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace mixlora
