@@ -1,7 +1,8 @@
 #!/bin/bash
-# One device call (bench/NOTES.md v7): build for sm_90a, the layer tests on the device's torch
-# (the v6 crash check), the decode path's tests, its measurements (decode_micro.py and the
-# decode rows of run.py), test_cuda.py, then profiles of decode steps.
+# One device call (bench/NOTES.md v7): build for sm_90a; the error-path tests first (the crash
+# of v6 / v7 and its link fix in setup.py: libstdc++ linked as the shared library); the decode
+# path's tests and measurements (decode_micro.py, the decode rows of run.py); test_cuda.py;
+# profiles of decode steps.
 # Everything goes to $OUT/check.log (the device tool's output folder; /tmp/device_check
 # elsewhere; the tool brings back at most 8 files), so a call cut short still returns what ran.
 #   device: bash bench/device_check.sh
@@ -21,6 +22,9 @@ python3 -c "import torch;print(torch.__version__)" | tee -a $LOG
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a
 step 420 build python3 -m pip install --no-build-isolation --no-deps . -q
 (cd /tmp && python3 -c "import mixlora_ext") >> $LOG 2>&1 || { tail -60 $LOG; exit 1; }
+SO=$(cd /tmp && python3 -c "import mixlora_ext, os; print(os.path.dirname(mixlora_ext.__file__))")/_C.abi3.so
+{ ldd $SO | grep stdc; echo "std::locale symbols defined in _C: $(nm -C --defined-only $SO | grep -c 'std::locale')"; } | tee -a $LOG
+step 60 bad_inputs pytest -q tests/test_kernels_cpu.py -k "bad_inputs or bad_dropout"
 step 120 test_layer pytest -q -x tests/test_layer.py
 step 180 test_decode pytest -q tests/test_decode.py
 step 120 decode_micro bash -c "cd bench && python3 decode_micro.py --T 1 8 16"

@@ -189,8 +189,8 @@ def test_bad_input_is_a_clear_error():
 @pytest.mark.parametrize("grad", (True, False), ids=("grad", "no_grad"))
 def test_mismatched_expert_weights_are_a_clear_error(grad):
     """Raised by an op inside the layer's step, with and without an autograd node to build
-    (on the device's torch 2.11 an error raised inside the C++ Function::apply once crashed
-    the process; bench/NOTES.md v6)."""
+    (on the device a build that carried its own copy of libstdc++ crashed formatting this
+    message; setup.py links the shared one: bench/NOTES.md v7)."""
     layer = make_layer(num_experts=4)
     with torch.no_grad():
         layer.lora_B["gate_proj"] = nn.Parameter(torch.zeros(3, 24, 4, dtype=torch.float64))
