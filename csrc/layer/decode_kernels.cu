@@ -98,7 +98,7 @@ __device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t
   return sum;
 }
 
-template <typename w_t>
+// Rows of R weights from base can be read four at a time.
 __device__ __forceinline__ bool vec_rows(const void* base, int64_t R) {
   return R % 4 == 0 && aligned16(base);
 }
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
   const w_t* Bg = static_cast<const w_t*>(p.Bg);
   const w_t* Bu = static_cast<const w_t*>(p.Bu);
   const w_t* Ad = static_cast<const w_t*>(p.Ad);
-  const bool vec_g = vec_rows<w_t>(Bg, p.Rg), vec_u = vec_rows<w_t>(Bu, p.Ru);
+  const bool vec_g = vec_rows(Bg, p.Rg), vec_u = vec_rows(Bu, p.Ru);
   const int64_t i = tile * kSwigluThreads + threadIdx.x;
   const bool active = i < p.I;
   const float G = active ? load_f(static_cast<const scalar_t*>(p.G) + t * p.I + i) : 0.f;
@@ -292,7 +292,7 @@ __global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodePar
   const int64_t h = int64_t(blockIdx.x) * kExpandThreads + threadIdx.x;
   if (h >= p.H) return;
   const w_t* Bd = static_cast<const w_t*>(p.Bd);
-  const bool vec = vec_rows<w_t>(Bd, p.Rd);
+  const bool vec = vec_rows(Bd, p.Rd);
   float y = 0;
   for (int64_t j = 0; j < p.k; ++j) {
     y += coef[j] * row_dot(Bd + (es[j] * p.H + h) * p.Rd, zd + j * p.Rd, p.Rd, vec);

@@ -35,7 +35,9 @@ namespace cuda {
 constexpr int64_t kDecodeMaxExperts = 64;  // the router's E (two experts per lane, top-k)
 constexpr int64_t kDecodeMaxSlots = 8;     // k
 constexpr int64_t kDecodeMaxRank = 64;     // Rg, Ru, Rd
-constexpr int64_t kDecodeMaxTokens = 16;   // T (the shrink keeps a sum per token in registers)
+// T: the shrink keeps a sum per token in registers; 16 is the decode targets' largest T
+// (bench/NOTES.md v7), and above it the path has not been measured against the composed one.
+constexpr int64_t kDecodeMaxTokens = 16;
 
 struct DecodeParams {
   const void* x;       // [T, H] dtype

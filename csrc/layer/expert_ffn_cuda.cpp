@@ -17,9 +17,6 @@
 namespace mixlora {
 namespace {
 
-// Tokens up to which the decode path is taken: the decode targets' token counts (1, 8, 16;
-// bench/NOTES.md v7). Above 16 it has not been measured against the composed forward.
-constexpr int64_t kDecodeMaxTokens = cuda::kDecodeMaxTokens;
 
 bool decode_dtype(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
@@ -39,7 +36,7 @@ std::optional<at::ScalarType> decode_weight_dtype(
     int64_t top_k, int64_t activation, double dropout_p) {
   if (x.dim() != 2 || !x.is_cuda() || !decode_dtype(x.scalar_type())) return std::nullopt;
   const int64_t T = x.size(0), H = x.size(1);
-  if (T < 1 || T > kDecodeMaxTokens || dropout_p != 0 || activation < 0 || activation > 3) return std::nullopt;
+  if (T < 1 || T > cuda::kDecodeMaxTokens || dropout_p != 0 || activation < 0 || activation > 3) return std::nullopt;
   if (router.dim() != 2 || router.size(1) != H || !router.is_floating_point()) return std::nullopt;
   const int64_t E = router.size(0), I = gate_weight.dim() == 2 ? gate_weight.size(0) : -1;
   const auto device = x.device();
