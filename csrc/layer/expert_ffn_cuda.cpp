@@ -17,7 +17,6 @@
 namespace mixlora {
 namespace {
 
-
 bool decode_dtype(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf || t == at::kFloat;
 }
