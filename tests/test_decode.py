@@ -5,7 +5,9 @@ The layer's no-grad forward on up to 16 tokens takes it; the oracle is the refer
 against the float64 reference is at most twice that of the reference run in the test dtype,
 plus a floor of the output dtype. The routing (ids, probs) must match the composed forward's
 (the op's composite kernel on the same CUDA tensors). Also: bitwise determinism, CUDA-graph
-replay, the fallbacks (more tokens, dropout, too many experts), errors, opcheck.
+replay, the fallbacks (more tokens, dropout, too many experts), errors, opcheck. Each under
+every way the path can run (MIXLORA_DECODE_FLAGS, csrc/layer/expert_ffn_cuda.cpp: the shrink on
+a side stream, swiglu blocks per expert; unset: the default choice).
 """
 import copy
 
@@ -36,6 +38,19 @@ CASES = [
     (4, 72, 200, 1, 1, 4, ("down_proj",), False),
     (9, 72, 200, 8, 2, 16, ("gate_proj", "up_proj"), False),  # no down LoRA
 ]
+
+
+# MIXLORA_DECODE_FLAGS: None the default; 1 the side stream; 2 swiglu per expert.
+FLAGS = [None, "0", "1", "2", "3"]
+
+
+@pytest.fixture(params=FLAGS, ids=lambda f: f"flags-{f or 'default'}")
+def decode_flags(request, monkeypatch):
+    if request.param is None:
+        monkeypatch.delenv("MIXLORA_DECODE_FLAGS", raising=False)
+    else:
+        monkeypatch.setenv("MIXLORA_DECODE_FLAGS", request.param)
+    return request.param
 
 
 def case_id(case):
@@ -79,7 +94,7 @@ def kernel_names(fn):
 @pytest.mark.parametrize("lora_dtype", ["float32", "x"])
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_decode_matches_reference(case, dtype, lora_dtype):
+def test_decode_matches_reference(case, dtype, lora_dtype, decode_flags):
     if lora_dtype == "x" and dtype == torch.float32:
         pytest.skip("the same as float32 weights")
     layer = decode_layer(case, dtype, torch.float32 if lora_dtype == "float32" else dtype)
@@ -111,11 +126,52 @@ def test_decode_path_is_taken_up_to_16_tokens():
         x = torch.randn(T, 264, dtype=torch.bfloat16, device=DEV)
         with torch.no_grad():
             names = kernel_names(lambda: layer(x))
-        assert any("decode_swiglu_kernel" in n for n in names) == taken, (T, sorted(names))
+        assert any("decode_swiglu" in n for n in names) == taken, (T, sorted(names))
+
+
+@pytest.mark.parametrize("flags, kernel", [("0", "decode_swiglu_kernel"), ("2", "decode_swiglu_expert_kernel")])
+def test_decode_flags_pick_the_swiglu_kernel(flags, kernel, monkeypatch):
+    monkeypatch.setenv("MIXLORA_DECODE_FLAGS", flags)
+    layer = decode_layer(CASES[1], torch.bfloat16)
+    x = torch.randn(4, 264, dtype=torch.bfloat16, device=DEV)
+    with torch.no_grad():
+        names = kernel_names(lambda: layer(x))
+    assert any(kernel in n for n in names) and not any(
+        "decode_swiglu" in n and kernel not in n for n in names), sorted(names)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_decode_variants_agree(case, monkeypatch):
+    """The routing of every variant is the same bits; the outputs agree to float32 rounding."""
+    layer = decode_layer(case, torch.float32)
+    x = torch.randn(case[0], case[1], device=DEV)
+    runs = {}
+    for flags in FLAGS[1:]:
+        monkeypatch.setenv("MIXLORA_DECODE_FLAGS", flags)
+        poison_free_memory()
+        with torch.no_grad():
+            runs[flags] = (layer(x), layer.last_probs, layer.last_ids)
+    out0, probs0, ids0 = runs["0"]
+    for flags, (out, probs, ids) in runs.items():
+        assert torch.equal(ids, ids0) and torch.equal(probs, probs0), flags
+        torch.testing.assert_close(out, out0, rtol=1e-5, atol=1e-5 * out0.abs().max().item(), msg=flags)
+
+
+def test_decode_nan_routing_repeats_expert_zero(decode_flags):
+    """NaN logits pick expert 0 for every slot (topk_warp.cuh): by-expert blocks see repeated pairs."""
+    layer = decode_layer(CASES[1], torch.float32)
+    x = torch.randn(8, 264, device=DEV)
+    x[3] = float("nan")
+    with torch.no_grad():
+        out = layer(x)
+        want_out, _, want_ids = composed(layer, x)
+    assert torch.equal(layer.last_ids, want_ids) and (layer.last_ids[3] == 0).all()
+    keep = torch.arange(8, device=DEV) != 3
+    torch.testing.assert_close(out[keep], want_out[keep], rtol=1e-4, atol=1e-4 * want_out[keep].abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_decode_bitwise_deterministic(dtype):
+def test_decode_bitwise_deterministic(dtype, decode_flags):
     layer = decode_layer(CASES[2], dtype)
     x = torch.randn(16, 264, dtype=dtype, device=DEV)
     runs = []
@@ -127,7 +183,7 @@ def test_decode_bitwise_deterministic(dtype):
         assert torch.equal(a, b)
 
 
-def test_decode_cuda_graph_replay():
+def test_decode_cuda_graph_replay(decode_flags):
     layer = decode_layer(CASES[1], torch.bfloat16)
     static_x = torch.randn(8, 264, dtype=torch.bfloat16, device=DEV)
     side = torch.cuda.Stream()

@@ -27,6 +27,7 @@ struct Layout {
   float* weights;     // [T, k]: the routing weights
   float* part;        // [splits, T, rows]: the shrink's partial sums
   float* zd_partial;  // [tiles, T, k, Rd]: the swiglu tiles' partial sums
+  float* hp;          // [T, k, I]: w_j h_j of each pair (by_expert: summed into hbar by expand)
   int64_t rows;       // E router rows, then E * Rg gate rows, then E * Ru up rows
   int64_t splits;     // of H, by the shrink
   int64_t split_cols; // columns of H per split (a multiple of kShrinkStep)
@@ -47,7 +48,8 @@ Layout layout_of(const DecodeParams& p) {
 }
 
 int64_t workspace_floats(const DecodeParams& p, const Layout& l) {
-  return p.T * p.k + l.splits * p.T * l.rows + l.tiles * p.T * p.k * p.Rd;
+  return p.T * p.k + l.splits * p.T * l.rows + l.tiles * p.T * p.k * p.Rd +
+         (p.by_expert ? p.T * p.k * p.I : 0);
 }
 
 // One value as float (read-only data).
@@ -69,27 +71,33 @@ __device__ __forceinline__ void load4(const half_t* p, float (&v)[4]) {
   for (int i = 0; i < 4; ++i) v[i] = to_acc(e[i]);
 }
 
+// w[v] = p[v] for v < min(left, kRankChunk), 0 beyond: kRankChunk weights loaded together (in
+// flight at once; at a few tokens these kernels wait on memory, not arithmetic). vec: p aligned
+// to 16 bytes and left % 4 == 0.
+template <typename w_t>
+__device__ __forceinline__ void load_chunk(const w_t* p, int64_t left, bool vec, float (&w)[kRankChunk]) {
+  if (vec) {
+#pragma unroll
+    for (int q = 0; q < kRankChunk / 4; ++q) {
+      float v4[4] = {0.f, 0.f, 0.f, 0.f};
+      if (4 * q < left) load4(p + 4 * q, v4);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) w[4 * q + v] = v4[v];
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < kRankChunk; ++v) w[v] = v < left ? load_f(p + v) : 0.f;
+  }
+}
+
 // sum_r row[r] * z[r], r ascending (the order of the composed path's rank_cols): one thread's
-// row of R contiguous weights, kRankChunk of them loaded at once (not one load, then its use,
-// then the next: at a few tokens these kernels wait on memory, not arithmetic). vec: R % 4 == 0
-// and row aligned to 16 bytes.
+// row of R contiguous weights, a chunk at a time. vec: R % 4 == 0 and row aligned to 16 bytes.
 template <typename w_t>
 __device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t R, bool vec) {
   float sum = 0;
   for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
     float w[kRankChunk];
-    if (vec) {
-#pragma unroll
-      for (int q = 0; q < kRankChunk / 4; ++q) {
-        float v4[4] = {0.f, 0.f, 0.f, 0.f};
-        if (r0 + 4 * q < R) load4(row + r0 + 4 * q, v4);
-#pragma unroll
-        for (int v = 0; v < 4; ++v) w[4 * q + v] = v4[v];
-      }
-    } else {
-#pragma unroll
-      for (int v = 0; v < kRankChunk; ++v) w[v] = r0 + v < R ? load_f(row + r0 + v) : 0.f;
-    }
+    load_chunk(row + r0, R - r0, vec, w);
 #pragma unroll
     for (int v = 0; v < kRankChunk; ++v) {
       if (r0 + v < R) sum += w[v] * z[r0 + v];
@@ -98,9 +106,84 @@ __device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t
   return sum;
 }
 
+// acc[n] = row_dot(row, z + n * zstride, R, vec) for each n < count: each chunk of the row
+// loaded once for all n, the sums in row_dot's order.
+template <typename w_t>
+__device__ __forceinline__ void row_dots(const w_t* row, const float* z, int64_t zstride, int64_t R,
+                                         bool vec, int count, float (&acc)[kDecodeMaxTokens]) {
+#pragma unroll
+  for (int n = 0; n < kDecodeMaxTokens; ++n) acc[n] = 0;
+  for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
+    float w[kRankChunk];
+    load_chunk(row + r0, R - r0, vec, w);
+#pragma unroll
+    for (int n = 0; n < kDecodeMaxTokens; ++n) {
+      if (n < count) {
+#pragma unroll
+        for (int v = 0; v < kRankChunk; ++v) {
+          if (r0 + v < R) acc[n] += w[v] * z[n * zstride + r0 + v];
+        }
+      }
+    }
+  }
+}
+
 // Rows of R weights from base can be read four at a time.
 __device__ __forceinline__ bool vec_rows(const void* base, int64_t R) {
   return R % 4 == 0 && aligned16(base);
+}
+
+// The warp's sums of 16 values at once: v[m] summed over the 32 lanes for every m, in 16
+// shuffles (a sum per value, warp_sum, takes 80). Each step halves the values a lane keeps,
+// adding its partner's half (lanes l and l ^ 16 swap halves, then l ^ 8, l ^ 4, l ^ 2; then
+// l ^ 1 adds the last one); lane l ends with the sum of v[(l >> 1) & 15] (lanes 2m and 2m + 1
+// both hold value m's). A fixed pairing, so the result does not depend on scheduling.
+// One step: lanes l and l ^ (2 kHalf) swap halves of v[0 .. 2 kHalf); the lane with that bit
+// set keeps the upper half, now in v[0 .. kHalf).
+template <int kHalf>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[16], int lane) {
+  const bool upper = lane & (2 * kHalf);
+#pragma unroll
+  for (int q = 0; q < kHalf; ++q) {
+    const float lo = v[q], hi = v[q + kHalf];
+    v[q] = (upper ? hi : lo) + __shfl_xor_sync(kFullMask, upper ? lo : hi, 2 * kHalf);
+  }
+}
+
+__device__ __forceinline__ float warp_reduce_scatter16(float (&v)[16]) {
+  const int lane = threadIdx.x % kWarpSize;
+  reduce_scatter_step<8>(v, lane);
+  reduce_scatter_step<4>(v, lane);
+  reduce_scatter_step<2>(v, lane);
+  reduce_scatter_step<1>(v, lane);
+  return v[0] + __shfl_xor_sync(kFullMask, v[0], 1);
+}
+
+// The tile's partial sums zd[n][r] = sum_i ad[r * I] h[n] over the warp's 32 columns, for
+// r < Rd and n < count: Rd / 16 chunks of Ad loaded together, each product chunk reduced by
+// warp_reduce_scatter16; lane 2m writes rank r0 + m's sum to out[n * Rd + r0 + m]. Every lane
+// of the warp calls it (inactive columns: active false).
+template <typename w_t, int N>
+__device__ __forceinline__ void zd_warp_sums(const w_t* ad, int64_t I, int64_t Rd, bool active,
+                                             const float (&h)[N], int count, float* out) {
+  static_assert(kRankChunk == 16, "one warp_reduce_scatter16 per chunk");
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t r0 = 0; r0 < Rd; r0 += kRankChunk) {
+    float a[kRankChunk];  // loaded together, then used for every n
+#pragma unroll
+    for (int v = 0; v < kRankChunk; ++v) a[v] = active && r0 + v < Rd ? load_f(ad + (r0 + v) * I) : 0.f;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      if (n < count) {
+        float prod[kRankChunk];
+#pragma unroll
+        for (int v = 0; v < kRankChunk; ++v) prod[v] = a[v] * h[n];
+        const float s = warp_reduce_scatter16(prod);
+        const int64_t r = r0 + lane / 2;
+        if (lane % 2 == 0 && r < Rd) out[n * Rd + r] = s;
+      }
+    }
+  }
 }
 
 // acc[t] += row[c0 .. c1) . x[t, c0 .. c1) for every token: the warp's lanes take 4 columns
@@ -173,7 +256,7 @@ __global__ void __launch_bounds__(kShrinkThreads) decode_shrink_kernel(DecodePar
 // activations of its chosen experts, from the shrink's partials (splits in order). Then
 // g = G + s Bg[e, i, :] . zg (G without Bg), u likewise, h = act(g) u per pair (swiglu_math.h,
 // as the composed path's kernels), hbar = sum_j w_j h_j; the tile's share of zd[t, j, r] =
-// sum_i Ad[e, r, i] h_j[i]: over the warp (butterfly), then over the block's warps in order.
+// sum_i Ad[e, r, i] h_j[i]: over the warp (zd_warp_sums), then over the block's warps in order.
 template <typename scalar_t, typename w_t>
 __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodeParams p, Layout l) {
   __shared__ float logits[kDecodeMaxExperts];
@@ -232,19 +315,8 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
       hbar += ws[j] * h;
     }
     if (Ad != nullptr) {
-      const w_t* ad = Ad + e * p.Rd * p.I + i;  // Ad[e, r, i] at ad[r * I]
-      for (int64_t r0 = 0; r0 < p.Rd; r0 += kRankChunk) {
-        float a[kRankChunk];  // loaded together, then reduced
-#pragma unroll
-        for (int v = 0; v < kRankChunk; ++v) a[v] = active && r0 + v < p.Rd ? load_f(ad + (r0 + v) * p.I) : 0.f;
-#pragma unroll
-        for (int v = 0; v < kRankChunk; ++v) {
-          if (r0 + v < p.Rd) {
-            const float s = warp_sum(a[v] * h);
-            if (lane == 0) warp_sums[warp][j * p.Rd + r0 + v] = s;
-          }
-        }
-      }
+      const float hs[1] = {h};
+      zd_warp_sums(Ad + e * p.Rd * p.I + i, p.I, p.Rd, active, hs, 1, warp_sums[warp] + j * p.Rd);
     }
   }
   if (active) static_cast<scalar_t*>(p.hbar)[t * p.I + i] = from_acc<scalar_t>(hbar);
@@ -258,11 +330,126 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
   }
 }
 
+// Block (column tile, expert e); thread column i: decode_swiglu_kernel's work for every token
+// that routed a pair to e, so that each of e's weights on the tile is read once per step, not
+// once per pair (T k tile reads of Bg, Bu, Ad rows against E here; this grid, tiles x E, does
+// not grow with T). First the routing of all T tokens (a warp per token; block (0, 0) writes
+// probs, ids, weights), the tokens that chose e in ascending order and their z of e (a token's
+// z of e is the same for every slot that names e); then per token g, u, h with
+// decode_swiglu_kernel's sums in its order, hp[t, j, i] = w_j h for each slot j of t that names
+// e (expand sums a token's slots into hbar, in slot order), and the tile's zd partials.
+template <typename scalar_t, typename w_t>
+__global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_expert_kernel(DecodeParams p, Layout l) {
+  __shared__ float logits[kSwigluWarps][kDecodeMaxExperts];
+  __shared__ float ws[kDecodeMaxTokens][kDecodeMaxSlots];
+  __shared__ int32_t es[kDecodeMaxTokens][kDecodeMaxSlots];
+  __shared__ int32_t toks[kDecodeMaxTokens];
+  __shared__ int token_count;
+  __shared__ float zs[kDecodeMaxTokens][2 * kDecodeMaxRank];
+  __shared__ float warp_sums[kSwigluWarps][kDecodeMaxTokens * kDecodeMaxRank];
+  static_assert(kDecodeMaxTokens <= kWarpSize, "one lane per token in the ballot below");
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t tile = blockIdx.x;
+  const int32_t e = static_cast<int32_t>(blockIdx.y);
+  const int64_t Rz = p.Rg + p.Ru;
+  const int64_t split_stride = p.T * l.rows;
+  auto summed = [&](int64_t t, int64_t row) {  // as decode_swiglu_kernel's: splits in order
+    float s = 0;
+    for (int64_t sp = 0; sp < l.splits; ++sp) s += l.part[sp * split_stride + t * l.rows + row];
+    return s;
+  };
+  const bool writer = tile == 0 && e == 0;
+  for (int64_t t = warp; t < p.T; t += kSwigluWarps) {
+    for (int64_t x = lane; x < p.E; x += kWarpSize) logits[warp][x] = summed(t, x);
+    __syncwarp();
+    warp_softmax_topk<2>(
+        p.E, p.k, [&](int64_t x) { return logits[warp][x]; }, writer ? p.probs + t * p.E : nullptr,
+        es[t], ws[t]);
+    __syncwarp();
+    if (writer && lane < p.k) {
+      p.ids[t * p.k + lane] = es[t][lane];
+      l.weights[t * p.k + lane] = ws[t][lane];
+    }
+    __syncwarp();  // the lanes done with logits[warp] before the warp's next token
+  }
+  __syncthreads();
+  if (warp == 0) {
+    bool chose = false;
+    for (int64_t j = 0; lane < p.T && j < p.k; ++j) chose = chose || es[lane][j] == e;
+    const unsigned ballot = __ballot_sync(kFullMask, chose);
+    if (chose) toks[__popc(ballot & ((1u << lane) - 1u))] = lane;
+    if (lane == 0) token_count = __popc(ballot);
+  }
+  __syncthreads();
+  const int count = token_count;
+  if (count == 0) return;  // the whole block: no token chose e
+  for (int64_t idx = threadIdx.x; idx < count * Rz; idx += kSwigluThreads) {
+    const int64_t n = idx / Rz, c = idx % Rz;
+    zs[n][c] = summed(toks[n], c < p.Rg ? p.E + e * p.Rg + c : p.E + p.E * p.Rg + e * p.Ru + (c - p.Rg));
+  }
+  __syncthreads();
+  const w_t* Bg = static_cast<const w_t*>(p.Bg);
+  const w_t* Bu = static_cast<const w_t*>(p.Bu);
+  const w_t* Ad = static_cast<const w_t*>(p.Ad);
+  const int64_t i = tile * kSwigluThreads + threadIdx.x;
+  const bool active = i < p.I;
+  float g[kDecodeMaxTokens], u[kDecodeMaxTokens];  // the LoRA terms, then g and u, then h in g
+  if (Bg != nullptr && active) row_dots(Bg + (e * p.I + i) * p.Rg, &zs[0][0], 2 * kDecodeMaxRank, p.Rg, vec_rows(Bg, p.Rg), count, g);
+  if (Bu != nullptr && active) row_dots(Bu + (e * p.I + i) * p.Ru, &zs[0][p.Rg], 2 * kDecodeMaxRank, p.Ru, vec_rows(Bu, p.Ru), count, u);
+  const scalar_t* G = static_cast<const scalar_t*>(p.G);
+  const scalar_t* U = static_cast<const scalar_t*>(p.U);
+#pragma unroll
+  for (int n = 0; n < kDecodeMaxTokens; ++n) {  // every token's G, U loaded before any store
+    if (n < count && active) {
+      const int64_t t = toks[n];
+      const float gv = load_f(G + t * p.I + i), uv = load_f(U + t * p.I + i);
+      g[n] = Bg != nullptr ? gv + p.scale * g[n] : gv;
+      u[n] = Bu != nullptr ? uv + p.scale * u[n] : uv;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kDecodeMaxTokens; ++n) {
+    float h = 0;
+    if (n < count && active) {
+      const int64_t t = toks[n];
+      h = swiglu_point<float, float>(p.activation, p.scale, g[n], u[n], nullptr, nullptr, 0,
+                                     nullptr, nullptr, 0).h;
+      for (int64_t j = 0; j < p.k; ++j) {
+        if (es[t][j] == e) l.hp[(t * p.k + j) * p.I + i] = ws[t][j] * h;
+      }
+    }
+    g[n] = h;
+  }
+  if (Ad == nullptr) return;
+  zd_warp_sums(Ad + e * p.Rd * p.I + i, p.I, p.Rd, active, g, count, warp_sums[warp]);
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < count * p.Rd; idx += kSwigluThreads) {
+    float s = 0;
+#pragma unroll
+    for (int w = 0; w < kSwigluWarps; ++w) s += warp_sums[w][idx];
+    const int64_t t = toks[idx / p.Rd], r = idx % p.Rd;
+    for (int64_t j = 0; j < p.k; ++j) {
+      if (es[t][j] == e) l.zd_partial[((tile * p.T + t) * p.k + j) * p.Rd + r] = s;
+    }
+  }
+}
+
 // Block (column tile of H, token t); thread column h. zd[t] = the swiglu tiles' partials summed
 // in a fixed order (part m of the threads of a value takes tiles m, m + parts, ...; then the
-// parts in order), then y[t, h] = sum_j (w_j s) Bd[e_j, h, :] . zd[t, j, :].
+// parts in order), then y[t, h] = sum_j (w_j s) Bd[e_j, h, :] . zd[t, j, :]. With by_expert,
+// the blocks past H's tiles (blockIdx.x >= h_tiles) take column tiles of I instead: hbar[t, i] =
+// sum_j hp[t, j, i], j ascending (decode_swiglu_expert_kernel's pairs).
 template <typename scalar_t, typename w_t>
-__global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodeParams p, Layout l) {
+__global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodeParams p, Layout l,
+                                                                       int64_t h_tiles) {
+  if (blockIdx.x >= h_tiles) {
+    const int64_t t = blockIdx.y, i = (blockIdx.x - h_tiles) * kExpandThreads + threadIdx.x;
+    if (i >= p.I) return;
+    float s = 0;
+    for (int64_t j = 0; j < p.k; ++j) s += l.hp[(t * p.k + j) * p.I + i];
+    static_cast<scalar_t*>(p.hbar)[t * p.I + i] = from_acc<scalar_t>(s);
+    return;
+  }
   __shared__ float sums[kExpandMaxParts][kDecodeMaxSlots * kDecodeMaxRank];
   __shared__ float zd[kDecodeMaxSlots * kDecodeMaxRank];
   __shared__ float coef[kDecodeMaxSlots];
@@ -300,25 +487,62 @@ __global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodePar
   static_cast<scalar_t*>(p.y)[t * p.H + h] = from_acc<scalar_t>(y);
 }
 
-template <typename scalar_t, typename w_t>
-cudaError_t launch_all(const DecodeParams& p, cudaStream_t stream) {
+Layout workspace_layout(const DecodeParams& p) {
   Layout l = layout_of(p);
   l.weights = p.workspace;
   l.part = l.weights + p.T * p.k;
   l.zd_partial = l.part + l.splits * p.T * l.rows;
-  const dim3 shrink_grid(static_cast<unsigned>((l.rows + kShrinkWarps - 1) / kShrinkWarps),
-                         static_cast<unsigned>(l.splits));
-  decode_shrink_kernel<scalar_t, w_t><<<shrink_grid, kShrinkThreads, 0, stream>>>(p, l);
-  MIXLORA_RETURN_IF_LAUNCH_FAILED();
-  const dim3 swiglu_grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.T));
-  decode_swiglu_kernel<scalar_t, w_t><<<swiglu_grid, kSwigluThreads, 0, stream>>>(p, l);
-  MIXLORA_RETURN_IF_LAUNCH_FAILED();
-  if (p.Bd == nullptr) return cudaSuccess;
-  const dim3 expand_grid(static_cast<unsigned>((p.H + kExpandThreads - 1) / kExpandThreads),
-                         static_cast<unsigned>(p.T));
-  decode_expand_kernel<scalar_t, w_t><<<expand_grid, kExpandThreads, 0, stream>>>(p, l);
+  l.hp = p.by_expert ? l.zd_partial + l.tiles * p.T * p.k * p.Rd : nullptr;
+  return l;
+}
+
+template <typename scalar_t, typename w_t>
+cudaError_t launch_shrink(const DecodeParams& p, cudaStream_t stream) {
+  const Layout l = workspace_layout(p);
+  const dim3 grid(static_cast<unsigned>((l.rows + kShrinkWarps - 1) / kShrinkWarps),
+                  static_cast<unsigned>(l.splits));
+  decode_shrink_kernel<scalar_t, w_t><<<grid, kShrinkThreads, 0, stream>>>(p, l);
   MIXLORA_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
+}
+
+template <typename scalar_t, typename w_t>
+cudaError_t launch_swiglu_expand(const DecodeParams& p, cudaStream_t stream) {
+  const Layout l = workspace_layout(p);
+  if (p.by_expert) {
+    const dim3 grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.E));
+    decode_swiglu_expert_kernel<scalar_t, w_t><<<grid, kSwigluThreads, 0, stream>>>(p, l);
+  } else {
+    const dim3 grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.T));
+    decode_swiglu_kernel<scalar_t, w_t><<<grid, kSwigluThreads, 0, stream>>>(p, l);
+  }
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  const int64_t h_tiles = p.Bd != nullptr ? (p.H + kExpandThreads - 1) / kExpandThreads : 0;
+  const int64_t i_tiles = p.by_expert ? (p.I + kExpandThreads - 1) / kExpandThreads : 0;
+  if (h_tiles + i_tiles == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(h_tiles + i_tiles), static_cast<unsigned>(p.T));
+  decode_expand_kernel<scalar_t, w_t><<<grid, kExpandThreads, 0, stream>>>(p, l, h_tiles);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// f(Type<scalar_t>{}, Type<w_t>{}) for p's dtypes (the weights in x's dtype, or float32).
+template <typename F>
+cudaError_t dispatch(const DecodeParams& p, F&& f) {
+  const bool own = p.wdtype == p.dtype;
+  switch (p.dtype) {
+    case DType::kBFloat16:
+      return own ? f(Type<__nv_bfloat16>{}, Type<__nv_bfloat16>{}) : f(Type<__nv_bfloat16>{}, Type<float>{});
+    case DType::kFloat16:
+      return own ? f(Type<__half>{}, Type<__half>{}) : f(Type<__half>{}, Type<float>{});
+    default:
+      return f(Type<float>{}, Type<float>{});
+  }
 }
 
 }  // namespace
@@ -341,18 +565,23 @@ bool decode_supported(const DecodeParams& p) {
 
 int64_t decode_workspace_floats(const DecodeParams& p) { return workspace_floats(p, layout_of(p)); }
 
-cudaError_t launch_expert_ffn_decode(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_shrink(const DecodeParams& p, cudaStream_t stream) {
   if (!decode_supported(p)) return cudaErrorInvalidValue;
-  const bool own = p.wdtype == p.dtype;  // the weights in x's dtype, else float32
-  switch (p.dtype) {
-    case DType::kBFloat16:
-      return own ? launch_all<__nv_bfloat16, __nv_bfloat16>(p, stream)
-                 : launch_all<__nv_bfloat16, float>(p, stream);
-    case DType::kFloat16:
-      return own ? launch_all<__half, __half>(p, stream) : launch_all<__half, float>(p, stream);
-    default:
-      return launch_all<float, float>(p, stream);
-  }
+  return dispatch(p, [&](auto s, auto w) {
+    return launch_shrink<typename decltype(s)::type, typename decltype(w)::type>(p, stream);
+  });
+}
+
+cudaError_t launch_decode_swiglu_expand(const DecodeParams& p, cudaStream_t stream) {
+  if (!decode_supported(p)) return cudaErrorInvalidValue;
+  return dispatch(p, [&](auto s, auto w) {
+    return launch_swiglu_expand<typename decltype(s)::type, typename decltype(w)::type>(p, stream);
+  });
+}
+
+cudaError_t launch_expert_ffn_decode(const DecodeParams& p, cudaStream_t stream) {
+  const cudaError_t err = launch_decode_shrink(p, stream);
+  return err != cudaSuccess ? err : launch_decode_swiglu_expand(p, stream);
 }
 
 }  // namespace cuda

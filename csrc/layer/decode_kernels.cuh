@@ -53,6 +53,7 @@ struct DecodeParams {
   int64_t T, H, I, E, k, Rg, Ru, Rd;
   float scale;
   int activation;
+  bool by_expert;  // swiglu per (column tile, expert), not per (column tile, token)
   DType dtype;   // x, G, U, hbar, y
   DType wdtype;  // the LoRA weights: kFloat32 or dtype
   // Outputs.
@@ -67,7 +68,10 @@ struct DecodeParams {
 bool decode_supported(const DecodeParams& p);
 // Float32 values of the workspace: the routing weights, the shrink's and swiglu's partial sums.
 int64_t decode_workspace_floats(const DecodeParams& p);
-// shrink, then swiglu, then (with Bd) expand, on `stream`.
+// The shrink (it needs x only: it may run beside the frozen G and U GEMMs), then swiglu and
+// expand (after the shrink, G and U), each on `stream`; launch_expert_ffn_decode: all three.
+cudaError_t launch_decode_shrink(const DecodeParams& p, cudaStream_t stream);
+cudaError_t launch_decode_swiglu_expand(const DecodeParams& p, cudaStream_t stream);
 cudaError_t launch_expert_ffn_decode(const DecodeParams& p, cudaStream_t stream);
 
 }  // namespace cuda

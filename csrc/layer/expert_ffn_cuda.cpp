@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 
 #include "layer/decode_kernels.cuh"
 #include "layer/expert_ffn.h"
@@ -76,6 +77,32 @@ std::optional<at::ScalarType> decode_weight_dtype(
 
 const void* data_of(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 
+// How the decode path runs (bench/NOTES.md v8): kSideStream, the shrink on a side stream beside
+// the frozen G and U GEMMs; kByExpert, swiglu blocks per (column tile, expert). The default
+// takes by-expert blocks once the tokens' pairs outnumber the experts. MIXLORA_DECODE_FLAGS
+// (the two bits) overrides it: for measurements and tests, not a setting.
+constexpr int kSideStream = 1;
+constexpr int kByExpert = 2;
+
+int decode_flags(int64_t T, int64_t k, int64_t E) {
+  const char* env = std::getenv("MIXLORA_DECODE_FLAGS");  // read per call: tests switch it
+  if (env != nullptr && *env != '\0') return std::atoi(env);
+  return T * k > E ? kByExpert : 0;
+}
+
+// Events for the side stream's fork and join, one pair per device and thread, made once.
+std::pair<cudaEvent_t, cudaEvent_t> fork_join_events(c10::DeviceIndex device) {
+  constexpr int kMaxDevices = 64;
+  thread_local std::array<std::pair<cudaEvent_t, cudaEvent_t>, kMaxDevices> events{};
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "expert_ffn: CUDA device index ", device);
+  auto& [fork, join] = events[device];
+  if (fork == nullptr) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+  }
+  return events[device];
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
     const at::Tensor& x_in, const at::Tensor& gate_weight, const OptTensor& gate_bias,
     const at::Tensor& up_weight, const OptTensor& up_bias, const at::Tensor& down_weight,
@@ -116,25 +143,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
   p.activation = static_cast<int>(activation);
   p.dtype = static_cast<cuda::DType>(x.scalar_type());
   p.wdtype = static_cast<cuda::DType>(*wdtype);
+  const int flags = decode_flags(T, top_k, E);
+  p.by_expert = (flags & kByExpert) != 0;
   if (!cuda::decode_supported(p)) return composed();
 
-  // The frozen GEMMs first: the GPU runs them while the rest is issued.
-  const auto G = at::linear(x, gate_weight, gate_bias);  // [T, I]
-  const auto U = at::linear(x, up_weight, up_bias);      // [T, I]
   const auto f32 = x.options().dtype(at::kFloat);
   auto probs = at::empty({T, E}, f32);
   auto ids = at::empty({T, top_k}, x.options().dtype(at::kInt));
   auto hbar = at::empty({T, I}, x.options());
   auto workspace = at::empty({cuda::decode_workspace_floats(p)}, f32);
   at::Tensor out = Bd.has_value() ? at::empty({T, H}, x.options()) : at::Tensor();
-  p.G = G.const_data_ptr();
-  p.U = U.const_data_ptr();
   p.ids = ids.data_ptr<int32_t>();
   p.probs = probs.data_ptr<float>();
   p.hbar = hbar.data_ptr();
   p.y = Bd.has_value() ? out.data_ptr() : nullptr;
   p.workspace = workspace.data_ptr<float>();
-  C10_CUDA_CHECK(cuda::launch_expert_ffn_decode(p, c10::cuda::getCurrentCUDAStream()));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  std::optional<cudaEvent_t> join;
+  if ((flags & kSideStream) != 0) {
+    // The shrink reads x and the LoRA A / router weights only: a side stream runs it beside
+    // the G and U GEMMs, the current stream waits for it before swiglu. Every tensor it touches
+    // was made on, or is used next by, the current stream after that wait, so the allocator
+    // can reuse none of them early.
+    const auto side = c10::cuda::getStreamFromPool(false, x.device().index());
+    const auto [fork_event, join_event] = fork_join_events(x.device().index());
+    C10_CUDA_CHECK(cudaEventRecord(fork_event, stream));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side, fork_event, 0));
+    C10_CUDA_CHECK(cuda::launch_decode_shrink(p, side));
+    C10_CUDA_CHECK(cudaEventRecord(join_event, side));
+    join = join_event;
+  }
+  // The frozen GEMMs next (first without the side stream): the GPU runs them while the rest is
+  // issued.
+  const auto G = at::linear(x, gate_weight, gate_bias);  // [T, I]
+  const auto U = at::linear(x, up_weight, up_bias);      // [T, I]
+  p.G = G.const_data_ptr();
+  p.U = U.const_data_ptr();
+  if (join.has_value()) {
+    C10_CUDA_CHECK(cudaStreamWaitEvent(stream, *join, 0));
+  } else {
+    C10_CUDA_CHECK(cuda::launch_decode_shrink(p, stream));
+  }
+  C10_CUDA_CHECK(cuda::launch_decode_swiglu_expand(p, stream));
   if (Bd.has_value()) {  // y, then the frozen down GEMM onto it (beta = 1), as composed
     out.addmm_(hbar, down_weight.t());
     if (down_bias.has_value()) out.add_(*down_bias);

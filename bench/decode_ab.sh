@@ -1,0 +1,35 @@
+#!/bin/bash
+# One device call for the decode path's variants (bench/NOTES.md v8): build for sm_90a, the
+# decode tests (every variant), then decode_micro.py under each MIXLORA_DECODE_FLAGS value
+# (0: v7b's kernels with the 16-value zd sums; 1: the shrink on a side stream beside the G and
+# U GEMMs; 2: swiglu blocks per (column tile, expert); 3: both), the decode rows of
+# bench/run.py (the default choice), profiles at T = 16 of 0 and 2, and test_cuda.py.
+# Everything goes to $OUT/check.log, so a call cut short still returns what ran.
+#   device: OUT=$OUT bash bench/decode_ab.sh
+OUT=${OUT:-/tmp/decode_ab}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG=$OUT/check.log
+step() {  # step SECONDS TITLE COMMAND...: run with a time limit, its output into the log
+  local limit=$1 title=$2
+  shift 2
+  echo "=== $title ($(date +%T))" | tee -a $LOG
+  ( timeout $limit "$@" ) >> $LOG 2>&1
+  echo "=== $title: exit $? ($(date +%T))" | tee -a $LOG
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a $LOG
+python3 -c "import torch;print(torch.__version__)" | tee -a $LOG
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a
+step 400 build python3 -m pip install --no-build-isolation --no-deps . -q
+(cd /tmp && python3 -c "import mixlora_ext") >> $LOG 2>&1 || { tail -60 $LOG; exit 1; }
+step 60 bad_inputs pytest -q -x tests/test_kernels_cpu.py -k "bad_inputs or bad_dropout"
+step 150 test_decode pytest -q -x tests/test_decode.py
+for f in 0 1 2 3; do
+  step 90 "decode_micro flags=$f" env MIXLORA_DECODE_FLAGS=$f bash -c "cd bench && python3 decode_micro.py --T 1 4 8 16"
+done
+step 200 bench_decode python3 bench/run.py --tokens 1 8 16 --out $OUT/bench_decode
+for f in 0 2; do
+  step 60 "profile T=16 flags=$f" env MIXLORA_DECODE_FLAGS=$f bash -c "cd bench && python3 profile_step.py --T 16"
+done
+step 200 test_cuda pytest -q tests/test_cuda.py
+grep -E "^=== |passed|failed|error|Error" $LOG | tail -40
