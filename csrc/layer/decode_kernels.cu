@@ -186,6 +186,20 @@ __device__ __forceinline__ void zd_warp_sums(const w_t* ad, int64_t I, int64_t R
   }
 }
 
+// sum_s part[s * stride], s ascending over the shrink's splits: the loads issued together (a
+// loop with a run-time trip count would wait for each before the next).
+__device__ __forceinline__ float sum_splits(const float* part, int64_t stride, int64_t splits) {
+  float v[kShrinkMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kShrinkMaxSplits; ++s) v[s] = s < splits ? part[s * stride] : 0.f;
+  float sum = 0;
+#pragma unroll
+  for (int s = 0; s < kShrinkMaxSplits; ++s) {
+    if (s < splits) sum += v[s];
+  }
+  return sum;
+}
+
 // acc[t] += row[c0 .. c1) . x[t, c0 .. c1) for every token: the warp's lanes take 4 columns
 // each per step, the row's values loaded once for all tokens (x's few rows stay in L1).
 template <typename scalar_t, typename a_t>
@@ -243,12 +257,19 @@ __global__ void __launch_bounds__(kShrinkThreads) decode_shrink_kernel(DecodePar
     shrink_row<scalar_t>(p, A + (row - p.E - gate_rows) * p.H, c0, c1, vec_x && aligned16(A), acc);
   }
   float* out = l.part + s * p.T * l.rows + row;
+  if (p.T <= 3) {  // a butterfly per token: 5 T shuffles
 #pragma unroll
-  for (int t = 0; t < kDecodeMaxTokens; ++t) {
-    if (t < p.T) {
-      const float sum = warp_sum(acc[t]);
-      if (lane == 0) out[t * l.rows] = sum;
+    for (int t = 0; t < 3; ++t) {
+      if (t < p.T) {
+        const float sum = warp_sum(acc[t]);
+        if (lane == 0) out[t * l.rows] = sum;
+      }
     }
+  } else {  // all 16 at once: 16 shuffles, lane 2t ends with token t's sum
+    static_assert(kDecodeMaxTokens == 16, "one warp_reduce_scatter16 for the tokens' sums");
+    const float sum = warp_reduce_scatter16(acc);
+    const int64_t t = lane / 2;
+    if (lane % 2 == 0 && t < p.T) out[t * l.rows] = sum;
   }
 }
 
@@ -269,11 +290,7 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
   const int64_t Rz = p.Rg + p.Ru;
   const float* part = l.part + t * l.rows;  // part[s * split_stride + row] for this token
   const int64_t split_stride = p.T * l.rows;
-  auto summed = [&](int64_t row) {
-    float s = 0;
-    for (int64_t sp = 0; sp < l.splits; ++sp) s += part[sp * split_stride + row];
-    return s;
-  };
+  auto summed = [&](int64_t row) { return sum_splits(part + row, split_stride, l.splits); };
   if (warp == 0) {
     static_assert(kDecodeMaxExperts <= 2 * kWarpSize, "two cached experts per lane");
     for (int64_t e = lane; e < p.E; e += kWarpSize) logits[e] = summed(e);
@@ -339,8 +356,8 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
 // decode_swiglu_kernel's sums in its order, hp[t, j, i] = w_j h for each slot j of t that names
 // e (expand sums a token's slots into hbar, in slot order), and the tile's zd partials.
 template <typename scalar_t, typename w_t>
-__global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_expert_kernel(DecodeParams p, Layout l) {
-  __shared__ float logits[kSwigluWarps][kDecodeMaxExperts];
+__global__ void __launch_bounds__(kSwigluThreads, 6) decode_swiglu_expert_kernel(DecodeParams p, Layout l) {
+  __shared__ float logits[kDecodeMaxTokens][kDecodeMaxExperts];
   __shared__ float ws[kDecodeMaxTokens][kDecodeMaxSlots];
   __shared__ int32_t es[kDecodeMaxTokens][kDecodeMaxSlots];
   __shared__ int32_t toks[kDecodeMaxTokens];
@@ -353,24 +370,24 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_expert_kernel(De
   const int32_t e = static_cast<int32_t>(blockIdx.y);
   const int64_t Rz = p.Rg + p.Ru;
   const int64_t split_stride = p.T * l.rows;
-  auto summed = [&](int64_t t, int64_t row) {  // as decode_swiglu_kernel's: splits in order
-    float s = 0;
-    for (int64_t sp = 0; sp < l.splits; ++sp) s += l.part[sp * split_stride + t * l.rows + row];
-    return s;
+  auto summed = [&](int64_t t, int64_t row) {  // as decode_swiglu_kernel's
+    return sum_splits(l.part + t * l.rows + row, split_stride, l.splits);
   };
+  // Every token's logits by the whole block at once (T E <= 1024 values), then a warp per token.
+  for (int64_t idx = threadIdx.x; idx < p.T * p.E; idx += kSwigluThreads) {
+    logits[idx / p.E][idx % p.E] = summed(idx / p.E, idx % p.E);
+  }
+  __syncthreads();
   const bool writer = tile == 0 && e == 0;
   for (int64_t t = warp; t < p.T; t += kSwigluWarps) {
-    for (int64_t x = lane; x < p.E; x += kWarpSize) logits[warp][x] = summed(t, x);
-    __syncwarp();
     warp_softmax_topk<2>(
-        p.E, p.k, [&](int64_t x) { return logits[warp][x]; }, writer ? p.probs + t * p.E : nullptr,
+        p.E, p.k, [&](int64_t x) { return logits[t][x]; }, writer ? p.probs + t * p.E : nullptr,
         es[t], ws[t]);
     __syncwarp();
     if (writer && lane < p.k) {
       p.ids[t * p.k + lane] = es[t][lane];
       l.weights[t * p.k + lane] = ws[t][lane];
     }
-    __syncwarp();  // the lanes done with logits[warp] before the warp's next token
   }
   __syncthreads();
   if (warp == 0) {
