@@ -147,24 +147,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
   p.by_expert = (flags & kByExpert) != 0;
   if (!cuda::decode_supported(p)) return composed();
 
-  const auto f32 = x.options().dtype(at::kFloat);
-  auto probs = at::empty({T, E}, f32);
-  auto ids = at::empty({T, top_k}, x.options().dtype(at::kInt));
-  auto hbar = at::empty({T, I}, x.options());
-  auto workspace = at::empty({cuda::decode_workspace_floats(p)}, f32);
-  at::Tensor out = Bd.has_value() ? at::empty({T, H}, x.options()) : at::Tensor();
-  p.ids = ids.data_ptr<int32_t>();
-  p.probs = probs.data_ptr<float>();
-  p.hbar = hbar.data_ptr();
-  p.y = Bd.has_value() ? out.data_ptr() : nullptr;
-  p.workspace = workspace.data_ptr<float>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = x.options().dtype(at::kFloat);
+  const auto new_workspace = [&] {
+    auto w = at::empty({cuda::decode_workspace_floats(p)}, f32);
+    p.workspace = w.data_ptr<float>();
+    return w;
+  };
+  at::Tensor workspace;
   std::optional<cudaEvent_t> join;
   if ((flags & kSideStream) != 0) {
     // The shrink reads x and the LoRA A / router weights only: a side stream runs it beside
     // the G and U GEMMs, the current stream waits for it before swiglu. Every tensor it touches
     // was made on, or is used next by, the current stream after that wait, so the allocator
     // can reuse none of them early.
+    workspace = new_workspace();
     const auto side = c10::cuda::getStreamFromPool(false, x.device().index());
     const auto [fork_event, join_event] = fork_join_events(x.device().index());
     C10_CUDA_CHECK(cudaEventRecord(fork_event, stream));
@@ -173,15 +170,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
     C10_CUDA_CHECK(cudaEventRecord(join_event, side));
     join = join_event;
   }
-  // The frozen GEMMs next (first without the side stream): the GPU runs them while the rest is
-  // issued.
+  // The frozen GEMMs as early as can be (first of all without the side stream): the GPU runs
+  // them while the rest is issued.
   const auto G = at::linear(x, gate_weight, gate_bias);  // [T, I]
   const auto U = at::linear(x, up_weight, up_bias);      // [T, I]
+  auto probs = at::empty({T, E}, f32);
+  auto ids = at::empty({T, top_k}, x.options().dtype(at::kInt));
+  auto hbar = at::empty({T, I}, x.options());
+  at::Tensor out = Bd.has_value() ? at::empty({T, H}, x.options()) : at::Tensor();
   p.G = G.const_data_ptr();
   p.U = U.const_data_ptr();
+  p.ids = ids.data_ptr<int32_t>();
+  p.probs = probs.data_ptr<float>();
+  p.hbar = hbar.data_ptr();
+  p.y = Bd.has_value() ? out.data_ptr() : nullptr;
   if (join.has_value()) {
     C10_CUDA_CHECK(cudaStreamWaitEvent(stream, *join, 0));
   } else {
+    workspace = new_workspace();
     C10_CUDA_CHECK(cuda::launch_decode_shrink(p, stream));
   }
   C10_CUDA_CHECK(cuda::launch_decode_swiglu_expand(p, stream));
