@@ -1,9 +1,9 @@
 #!/bin/bash
 # One device call for the decode path's variants (bench/NOTES.md v8): build for sm_90a, the
-# decode tests (every variant), then decode_micro.py under each MIXLORA_DECODE_FLAGS value
-# (0: v7b's kernels with the 16-value zd sums; 1: the shrink on a side stream beside the G and
-# U GEMMs; 2: swiglu blocks per (column tile, expert); 3: both), the decode rows of
-# bench/run.py under 1 and 3, profiles at T = 16 of 0 and 2, and test_cuda.py.
+# crash checks, the decode tests (every variant), then decode_micro.py under each
+# MIXLORA_DECODE_FLAGS value (0: neither; 1: the shrink on a side stream beside the G and U
+# GEMMs; 2: swiglu's L1 prefetch of its pairs' weights; 3: both, the default), the decode rows
+# of bench/run.py (default), profiles at T = 16 (default and 1) and T = 8, and test_cuda.py.
 # Everything goes to $OUT/check.log, so a call cut short still returns what ran.
 #   device: OUT=$OUT bash bench/decode_ab.sh
 OUT=${OUT:-/tmp/decode_ab}
@@ -30,11 +30,9 @@ step 150 test_decode pytest -q -x tests/test_decode.py
 for f in 0 1 2 3; do
   step 90 "decode_micro flags=$f" env MIXLORA_DECODE_FLAGS=$f bash -c "cd bench && python3 decode_micro.py --T 1 4 8 16"
 done
-for f in 1 3; do
-  step 120 "bench_decode flags=$f" env MIXLORA_DECODE_FLAGS=$f python3 bench/run.py --tokens 1 8 16 --out $OUT/bench_decode_flags$f
-done
-for f in 0 2; do
-  step 60 "profile T=16 flags=$f" env MIXLORA_DECODE_FLAGS=$f bash -c "cd bench && python3 profile_step.py --T 16"
-done
+step 120 bench_decode python3 bench/run.py --tokens 1 8 16 --out $OUT/bench_decode
+step 60 "profile T=16" bash -c "cd bench && python3 profile_step.py --T 16"
+step 60 "profile T=16 flags=1" env MIXLORA_DECODE_FLAGS=1 bash -c "cd bench && python3 profile_step.py --T 16"
+step 60 "profile T=8" bash -c "cd bench && python3 profile_step.py --T 8"
 step 200 test_cuda pytest -q tests/test_cuda.py
 grep -E "^=== |passed|failed|error|Error" $LOG | tail -40

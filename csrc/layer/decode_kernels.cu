@@ -27,7 +27,6 @@ struct Layout {
   float* weights;     // [T, k]: the routing weights
   float* part;        // [splits, T, rows]: the shrink's partial sums
   float* zd_partial;  // [tiles, T, k, Rd]: the swiglu tiles' partial sums
-  float* hp;          // [T, k, I]: w_j h_j of each pair (by_expert: summed into hbar by expand)
   int64_t rows;       // E router rows, then E * Rg gate rows, then E * Ru up rows
   int64_t splits;     // of H, by the shrink
   int64_t split_cols; // columns of H per split (a multiple of kShrinkStep)
@@ -48,8 +47,7 @@ Layout layout_of(const DecodeParams& p) {
 }
 
 int64_t workspace_floats(const DecodeParams& p, const Layout& l) {
-  return p.T * p.k + l.splits * p.T * l.rows + l.tiles * p.T * p.k * p.Rd +
-         (p.by_expert ? p.T * p.k * p.I : 0);
+  return p.T * p.k + l.splits * p.T * l.rows + l.tiles * p.T * p.k * p.Rd;
 }
 
 // One value as float (read-only data).
@@ -106,28 +104,6 @@ __device__ __forceinline__ float row_dot(const w_t* row, const float* z, int64_t
   return sum;
 }
 
-// acc[n] = row_dot(row, z + n * zstride, R, vec) for each n < count: each chunk of the row
-// loaded once for all n, the sums in row_dot's order.
-template <typename w_t>
-__device__ __forceinline__ void row_dots(const w_t* row, const float* z, int64_t zstride, int64_t R,
-                                         bool vec, int count, float (&acc)[kDecodeMaxTokens]) {
-#pragma unroll
-  for (int n = 0; n < kDecodeMaxTokens; ++n) acc[n] = 0;
-  for (int64_t r0 = 0; r0 < R; r0 += kRankChunk) {
-    float w[kRankChunk];
-    load_chunk(row + r0, R - r0, vec, w);
-#pragma unroll
-    for (int n = 0; n < kDecodeMaxTokens; ++n) {
-      if (n < count) {
-#pragma unroll
-        for (int v = 0; v < kRankChunk; ++v) {
-          if (r0 + v < R) acc[n] += w[v] * z[n * zstride + r0 + v];
-        }
-      }
-    }
-  }
-}
-
 // Rows of R weights from base can be read four at a time.
 __device__ __forceinline__ bool vec_rows(const void* base, int64_t R) {
   return R % 4 == 0 && aligned16(base);
@@ -159,31 +135,35 @@ __device__ __forceinline__ float warp_reduce_scatter16(float (&v)[16]) {
   return v[0] + __shfl_xor_sync(kFullMask, v[0], 1);
 }
 
-// The tile's partial sums zd[n][r] = sum_i ad[r * I] h[n] over the warp's 32 columns, for
-// r < Rd and n < count: Rd / 16 chunks of Ad loaded together, each product chunk reduced by
-// warp_reduce_scatter16; lane 2m writes rank r0 + m's sum to out[n * Rd + r0 + m]. Every lane
-// of the warp calls it (inactive columns: active false).
-template <typename w_t, int N>
+// The tile's partial sums zd[r] = sum_i ad[r * I] h over the warp's 32 columns, r < Rd: Rd / 16
+// chunks of Ad loaded together, each chunk's products reduced by warp_reduce_scatter16; lane 2m
+// writes rank r0 + m's sum to out[r0 + m]. Every lane of the warp calls it (inactive columns:
+// active false).
+template <typename w_t>
 __device__ __forceinline__ void zd_warp_sums(const w_t* ad, int64_t I, int64_t Rd, bool active,
-                                             const float (&h)[N], int count, float* out) {
+                                             float h, float* out) {
   static_assert(kRankChunk == 16, "one warp_reduce_scatter16 per chunk");
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t r0 = 0; r0 < Rd; r0 += kRankChunk) {
-    float a[kRankChunk];  // loaded together, then used for every n
+    float a[kRankChunk];  // loaded together, then reduced
 #pragma unroll
-    for (int v = 0; v < kRankChunk; ++v) a[v] = active && r0 + v < Rd ? load_f(ad + (r0 + v) * I) : 0.f;
-#pragma unroll
-    for (int n = 0; n < N; ++n) {
-      if (n < count) {
-        float prod[kRankChunk];
-#pragma unroll
-        for (int v = 0; v < kRankChunk; ++v) prod[v] = a[v] * h[n];
-        const float s = warp_reduce_scatter16(prod);
-        const int64_t r = r0 + lane / 2;
-        if (lane % 2 == 0 && r < Rd) out[n * Rd + r] = s;
-      }
-    }
+    for (int v = 0; v < kRankChunk; ++v) a[v] = active && r0 + v < Rd ? load_f(ad + (r0 + v) * I) * h : 0.f;
+    const float s = warp_reduce_scatter16(a);
+    const int64_t r = r0 + lane / 2;
+    if (lane % 2 == 0 && r < Rd) out[r] = s;
   }
+}
+
+// Ask L1 for the line at p (no register waits on it): the weights a block will read after a
+// chain of dependent steps, fetched from memory while those steps run.
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
+// prefetch_l1 for every 128-byte line of [p, p + bytes).
+__device__ __forceinline__ void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 128) prefetch_l1(c + b);
 }
 
 // sum_s part[s * stride], s ascending over the shrink's splits: the loads issued together (a
@@ -291,6 +271,11 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
   const float* part = l.part + t * l.rows;  // part[s * split_stride + row] for this token
   const int64_t split_stride = p.T * l.rows;
   auto summed = [&](int64_t row) { return sum_splits(part + row, split_stride, l.splits); };
+  const int64_t i = tile * kSwigluThreads + threadIdx.x;
+  const bool active = i < p.I;
+  // G and U do not depend on the routing: in flight while it runs.
+  const float G = active ? load_f(static_cast<const scalar_t*>(p.G) + t * p.I + i) : 0.f;
+  const float U = active ? load_f(static_cast<const scalar_t*>(p.U) + t * p.I + i) : 0.f;
   if (warp == 0) {
     static_assert(kDecodeMaxExperts <= 2 * kWarpSize, "two cached experts per lane");
     for (int64_t e = lane; e < p.E; e += kWarpSize) logits[e] = summed(e);
@@ -305,19 +290,28 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
     }
   }
   __syncthreads();
+  const w_t* Bg = static_cast<const w_t*>(p.Bg);
+  const w_t* Bu = static_cast<const w_t*>(p.Bu);
+  const w_t* Ad = static_cast<const w_t*>(p.Ad);
+  if (p.prefetch) {
+    // The pairs' weights on the tile, from memory into L1 while z is gathered below: without
+    // it each of the k pairs' Bg, Bu and Ad loads waits a memory round trip in turn.
+    const int64_t warp_col = tile * kSwigluThreads + warp * kWarpSize;  // the warp's first column
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t e = es[j];
+      if (active && Bg != nullptr) prefetch_bytes(Bg + (e * p.I + i) * p.Rg, p.Rg * int64_t(sizeof(w_t)));
+      if (active && Bu != nullptr) prefetch_bytes(Bu + (e * p.I + i) * p.Ru, p.Ru * int64_t(sizeof(w_t)));
+      if (Ad != nullptr && warp_col < p.I) {  // Ad[e, r, warp's columns]: a line per rank
+        for (int64_t r = lane; r < p.Rd; r += kWarpSize) prefetch_l1(Ad + (e * p.Rd + r) * p.I + warp_col);
+      }
+    }
+  }
   for (int64_t idx = threadIdx.x; idx < p.k * Rz; idx += kSwigluThreads) {
     const int64_t j = idx / Rz, c = idx % Rz, e = es[j];
     zs[idx] = summed(c < p.Rg ? p.E + e * p.Rg + c : p.E + p.E * p.Rg + e * p.Ru + (c - p.Rg));
   }
   __syncthreads();
-  const w_t* Bg = static_cast<const w_t*>(p.Bg);
-  const w_t* Bu = static_cast<const w_t*>(p.Bu);
-  const w_t* Ad = static_cast<const w_t*>(p.Ad);
   const bool vec_g = vec_rows(Bg, p.Rg), vec_u = vec_rows(Bu, p.Ru);
-  const int64_t i = tile * kSwigluThreads + threadIdx.x;
-  const bool active = i < p.I;
-  const float G = active ? load_f(static_cast<const scalar_t*>(p.G) + t * p.I + i) : 0.f;
-  const float U = active ? load_f(static_cast<const scalar_t*>(p.U) + t * p.I + i) : 0.f;
   float hbar = 0;
   for (int64_t j = 0; j < p.k; ++j) {
     const int64_t e = es[j];
@@ -331,10 +325,7 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
                                      nullptr, 0).h;
       hbar += ws[j] * h;
     }
-    if (Ad != nullptr) {
-      const float hs[1] = {h};
-      zd_warp_sums(Ad + e * p.Rd * p.I + i, p.I, p.Rd, active, hs, 1, warp_sums[warp] + j * p.Rd);
-    }
+    if (Ad != nullptr) zd_warp_sums(Ad + e * p.Rd * p.I + i, p.I, p.Rd, active, h, warp_sums[warp] + j * p.Rd);
   }
   if (active) static_cast<scalar_t*>(p.hbar)[t * p.I + i] = from_acc<scalar_t>(hbar);
   if (Ad == nullptr) return;
@@ -347,126 +338,11 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
   }
 }
 
-// Block (column tile, expert e); thread column i: decode_swiglu_kernel's work for every token
-// that routed a pair to e, so that each of e's weights on the tile is read once per step, not
-// once per pair (T k tile reads of Bg, Bu, Ad rows against E here; this grid, tiles x E, does
-// not grow with T). First the routing of all T tokens (a warp per token; block (0, 0) writes
-// probs, ids, weights), the tokens that chose e in ascending order and their z of e (a token's
-// z of e is the same for every slot that names e); then per token g, u, h with
-// decode_swiglu_kernel's sums in its order, hp[t, j, i] = w_j h for each slot j of t that names
-// e (expand sums a token's slots into hbar, in slot order), and the tile's zd partials.
-template <typename scalar_t, typename w_t>
-__global__ void __launch_bounds__(kSwigluThreads, 6) decode_swiglu_expert_kernel(DecodeParams p, Layout l) {
-  __shared__ float logits[kDecodeMaxTokens][kDecodeMaxExperts];
-  __shared__ float ws[kDecodeMaxTokens][kDecodeMaxSlots];
-  __shared__ int32_t es[kDecodeMaxTokens][kDecodeMaxSlots];
-  __shared__ int32_t toks[kDecodeMaxTokens];
-  __shared__ int token_count;
-  __shared__ float zs[kDecodeMaxTokens][2 * kDecodeMaxRank];
-  __shared__ float warp_sums[kSwigluWarps][kDecodeMaxTokens * kDecodeMaxRank];
-  static_assert(kDecodeMaxTokens <= kWarpSize, "one lane per token in the ballot below");
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t tile = blockIdx.x;
-  const int32_t e = static_cast<int32_t>(blockIdx.y);
-  const int64_t Rz = p.Rg + p.Ru;
-  const int64_t split_stride = p.T * l.rows;
-  auto summed = [&](int64_t t, int64_t row) {  // as decode_swiglu_kernel's
-    return sum_splits(l.part + t * l.rows + row, split_stride, l.splits);
-  };
-  // Every token's logits by the whole block at once (T E <= 1024 values), then a warp per token.
-  for (int64_t idx = threadIdx.x; idx < p.T * p.E; idx += kSwigluThreads) {
-    logits[idx / p.E][idx % p.E] = summed(idx / p.E, idx % p.E);
-  }
-  __syncthreads();
-  const bool writer = tile == 0 && e == 0;
-  for (int64_t t = warp; t < p.T; t += kSwigluWarps) {
-    warp_softmax_topk<2>(
-        p.E, p.k, [&](int64_t x) { return logits[t][x]; }, writer ? p.probs + t * p.E : nullptr,
-        es[t], ws[t]);
-    __syncwarp();
-    if (writer && lane < p.k) {
-      p.ids[t * p.k + lane] = es[t][lane];
-      l.weights[t * p.k + lane] = ws[t][lane];
-    }
-  }
-  __syncthreads();
-  if (warp == 0) {
-    bool chose = false;
-    for (int64_t j = 0; lane < p.T && j < p.k; ++j) chose = chose || es[lane][j] == e;
-    const unsigned ballot = __ballot_sync(kFullMask, chose);
-    if (chose) toks[__popc(ballot & ((1u << lane) - 1u))] = lane;
-    if (lane == 0) token_count = __popc(ballot);
-  }
-  __syncthreads();
-  const int count = token_count;
-  if (count == 0) return;  // the whole block: no token chose e
-  for (int64_t idx = threadIdx.x; idx < count * Rz; idx += kSwigluThreads) {
-    const int64_t n = idx / Rz, c = idx % Rz;
-    zs[n][c] = summed(toks[n], c < p.Rg ? p.E + e * p.Rg + c : p.E + p.E * p.Rg + e * p.Ru + (c - p.Rg));
-  }
-  __syncthreads();
-  const w_t* Bg = static_cast<const w_t*>(p.Bg);
-  const w_t* Bu = static_cast<const w_t*>(p.Bu);
-  const w_t* Ad = static_cast<const w_t*>(p.Ad);
-  const int64_t i = tile * kSwigluThreads + threadIdx.x;
-  const bool active = i < p.I;
-  float g[kDecodeMaxTokens], u[kDecodeMaxTokens];  // the LoRA terms, then g and u, then h in g
-  if (Bg != nullptr && active) row_dots(Bg + (e * p.I + i) * p.Rg, &zs[0][0], 2 * kDecodeMaxRank, p.Rg, vec_rows(Bg, p.Rg), count, g);
-  if (Bu != nullptr && active) row_dots(Bu + (e * p.I + i) * p.Ru, &zs[0][p.Rg], 2 * kDecodeMaxRank, p.Ru, vec_rows(Bu, p.Ru), count, u);
-  const scalar_t* G = static_cast<const scalar_t*>(p.G);
-  const scalar_t* U = static_cast<const scalar_t*>(p.U);
-#pragma unroll
-  for (int n = 0; n < kDecodeMaxTokens; ++n) {  // every token's G, U loaded before any store
-    if (n < count && active) {
-      const int64_t t = toks[n];
-      const float gv = load_f(G + t * p.I + i), uv = load_f(U + t * p.I + i);
-      g[n] = Bg != nullptr ? gv + p.scale * g[n] : gv;
-      u[n] = Bu != nullptr ? uv + p.scale * u[n] : uv;
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < kDecodeMaxTokens; ++n) {
-    float h = 0;
-    if (n < count && active) {
-      const int64_t t = toks[n];
-      h = swiglu_point<float, float>(p.activation, p.scale, g[n], u[n], nullptr, nullptr, 0,
-                                     nullptr, nullptr, 0).h;
-      for (int64_t j = 0; j < p.k; ++j) {
-        if (es[t][j] == e) l.hp[(t * p.k + j) * p.I + i] = ws[t][j] * h;
-      }
-    }
-    g[n] = h;
-  }
-  if (Ad == nullptr) return;
-  zd_warp_sums(Ad + e * p.Rd * p.I + i, p.I, p.Rd, active, g, count, warp_sums[warp]);
-  __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < count * p.Rd; idx += kSwigluThreads) {
-    float s = 0;
-#pragma unroll
-    for (int w = 0; w < kSwigluWarps; ++w) s += warp_sums[w][idx];
-    const int64_t t = toks[idx / p.Rd], r = idx % p.Rd;
-    for (int64_t j = 0; j < p.k; ++j) {
-      if (es[t][j] == e) l.zd_partial[((tile * p.T + t) * p.k + j) * p.Rd + r] = s;
-    }
-  }
-}
-
 // Block (column tile of H, token t); thread column h. zd[t] = the swiglu tiles' partials summed
 // in a fixed order (part m of the threads of a value takes tiles m, m + parts, ...; then the
-// parts in order), then y[t, h] = sum_j (w_j s) Bd[e_j, h, :] . zd[t, j, :]. With by_expert,
-// the blocks past H's tiles (blockIdx.x >= h_tiles) take column tiles of I instead: hbar[t, i] =
-// sum_j hp[t, j, i], j ascending (decode_swiglu_expert_kernel's pairs).
+// parts in order), then y[t, h] = sum_j (w_j s) Bd[e_j, h, :] . zd[t, j, :].
 template <typename scalar_t, typename w_t>
-__global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodeParams p, Layout l,
-                                                                       int64_t h_tiles) {
-  if (blockIdx.x >= h_tiles) {
-    const int64_t t = blockIdx.y, i = (blockIdx.x - h_tiles) * kExpandThreads + threadIdx.x;
-    if (i >= p.I) return;
-    float s = 0;
-    for (int64_t j = 0; j < p.k; ++j) s += l.hp[(t * p.k + j) * p.I + i];
-    static_cast<scalar_t*>(p.hbar)[t * p.I + i] = from_acc<scalar_t>(s);
-    return;
-  }
+__global__ void __launch_bounds__(kExpandThreads) decode_expand_kernel(DecodeParams p, Layout l) {
   __shared__ float sums[kExpandMaxParts][kDecodeMaxSlots * kDecodeMaxRank];
   __shared__ float zd[kDecodeMaxSlots * kDecodeMaxRank];
   __shared__ float coef[kDecodeMaxSlots];
@@ -509,7 +385,6 @@ Layout workspace_layout(const DecodeParams& p) {
   l.weights = p.workspace;
   l.part = l.weights + p.T * p.k;
   l.zd_partial = l.part + l.splits * p.T * l.rows;
-  l.hp = p.by_expert ? l.zd_partial + l.tiles * p.T * p.k * p.Rd : nullptr;
   return l;
 }
 
@@ -526,19 +401,13 @@ cudaError_t launch_shrink(const DecodeParams& p, cudaStream_t stream) {
 template <typename scalar_t, typename w_t>
 cudaError_t launch_swiglu_expand(const DecodeParams& p, cudaStream_t stream) {
   const Layout l = workspace_layout(p);
-  if (p.by_expert) {
-    const dim3 grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.E));
-    decode_swiglu_expert_kernel<scalar_t, w_t><<<grid, kSwigluThreads, 0, stream>>>(p, l);
-  } else {
-    const dim3 grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.T));
-    decode_swiglu_kernel<scalar_t, w_t><<<grid, kSwigluThreads, 0, stream>>>(p, l);
-  }
+  const dim3 grid(static_cast<unsigned>(l.tiles), static_cast<unsigned>(p.T));
+  decode_swiglu_kernel<scalar_t, w_t><<<grid, kSwigluThreads, 0, stream>>>(p, l);
   MIXLORA_RETURN_IF_LAUNCH_FAILED();
-  const int64_t h_tiles = p.Bd != nullptr ? (p.H + kExpandThreads - 1) / kExpandThreads : 0;
-  const int64_t i_tiles = p.by_expert ? (p.I + kExpandThreads - 1) / kExpandThreads : 0;
-  if (h_tiles + i_tiles == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(h_tiles + i_tiles), static_cast<unsigned>(p.T));
-  decode_expand_kernel<scalar_t, w_t><<<grid, kExpandThreads, 0, stream>>>(p, l, h_tiles);
+  if (p.Bd == nullptr) return cudaSuccess;
+  const dim3 expand_grid(static_cast<unsigned>((p.H + kExpandThreads - 1) / kExpandThreads),
+                         static_cast<unsigned>(p.T));
+  decode_expand_kernel<scalar_t, w_t><<<expand_grid, kExpandThreads, 0, stream>>>(p, l);
   MIXLORA_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }

@@ -53,7 +53,7 @@ struct DecodeParams {
   int64_t T, H, I, E, k, Rg, Ru, Rd;
   float scale;
   int activation;
-  bool by_expert;  // swiglu per (column tile, expert), not per (column tile, token)
+  bool prefetch;  // swiglu asks L1 for its pairs' weights once the routing is known
   DType dtype;   // x, G, U, hbar, y
   DType wdtype;  // the LoRA weights: kFloat32 or dtype
   // Outputs.

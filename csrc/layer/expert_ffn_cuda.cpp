@@ -78,16 +78,15 @@ std::optional<at::ScalarType> decode_weight_dtype(
 const void* data_of(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 
 // How the decode path runs (bench/NOTES.md v8): kSideStream, the shrink on a side stream beside
-// the frozen G and U GEMMs; kByExpert, swiglu blocks per (column tile, expert). The default
-// takes by-expert blocks once the tokens' pairs outnumber the experts. MIXLORA_DECODE_FLAGS
-// (the two bits) overrides it: for measurements and tests, not a setting.
+// the frozen G and U GEMMs; kPrefetch, swiglu's L1 prefetch of its pairs' weights. Both by
+// default; MIXLORA_DECODE_FLAGS (the two bits) overrides it, for measurements and tests: not a
+// setting.
 constexpr int kSideStream = 1;
-constexpr int kByExpert = 2;
+constexpr int kPrefetch = 2;
 
-int decode_flags(int64_t T, int64_t k, int64_t E) {
+int decode_flags() {
   const char* env = std::getenv("MIXLORA_DECODE_FLAGS");  // read per call: tests switch it
-  if (env != nullptr && *env != '\0') return std::atoi(env);
-  return T * k > E ? kByExpert : 0;
+  return env != nullptr && *env != '\0' ? std::atoi(env) : kSideStream | kPrefetch;
 }
 
 // Events for the side stream's fork and join, one pair per device and thread, made once.
@@ -143,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
   p.activation = static_cast<int>(activation);
   p.dtype = static_cast<cuda::DType>(x.scalar_type());
   p.wdtype = static_cast<cuda::DType>(*wdtype);
-  const int flags = decode_flags(T, top_k, E);
-  p.by_expert = (flags & kByExpert) != 0;
+  const int flags = decode_flags();
+  p.prefetch = (flags & kPrefetch) != 0;
   if (!cuda::decode_supported(p)) return composed();
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
