@@ -2,8 +2,8 @@
 # One device call for the decode path's variants (bench/NOTES.md v8): build for sm_90a, the
 # crash checks, the decode tests (every variant), then decode_micro.py under each
 # MIXLORA_DECODE_FLAGS value (0: neither; 1: the shrink on a side stream beside the G and U
-# GEMMs; 2: swiglu's L1 prefetch of its pairs' weights; 3: both, the default), the decode rows
-# of bench/run.py (default), profiles at T = 16 (default and 1) and T = 8, and test_cuda.py.
+# GEMMs, the default; 2: swiglu's L1 prefetch of its pairs' weights; 3: both), the decode rows
+# of bench/run.py (default), profiles at T = 16 (default and 3) and T = 8, and test_cuda.py.
 # Everything goes to $OUT/check.log, so a call cut short still returns what ran.
 #   device: OUT=$OUT bash bench/decode_ab.sh
 OUT=${OUT:-/tmp/decode_ab}
@@ -32,7 +32,7 @@ for f in 0 1 2 3; do
 done
 step 120 bench_decode python3 bench/run.py --tokens 1 8 16 --out $OUT/bench_decode
 step 60 "profile T=16" bash -c "cd bench && python3 profile_step.py --T 16"
-step 60 "profile T=16 flags=1" env MIXLORA_DECODE_FLAGS=1 bash -c "cd bench && python3 profile_step.py --T 16"
+step 60 "profile T=16 flags=3" env MIXLORA_DECODE_FLAGS=3 bash -c "cd bench && python3 profile_step.py --T 16"
 step 60 "profile T=8" bash -c "cd bench && python3 profile_step.py --T 8"
 step 200 test_cuda pytest -q tests/test_cuda.py
 grep -E "^=== |passed|failed|error|Error" $LOG | tail -40

@@ -7,7 +7,7 @@ plus a floor of the output dtype. The routing (ids, probs) must match the compos
 (the op's composite kernel on the same CUDA tensors). Also: bitwise determinism, CUDA-graph
 replay, the fallbacks (more tokens, dropout, too many experts), errors, opcheck. Each under
 every way the path can run (MIXLORA_DECODE_FLAGS, csrc/layer/expert_ffn_cuda.cpp: the shrink on
-a side stream, swiglu's prefetch; unset: the default, both).
+a side stream, swiglu's prefetch; unset: the default, the side stream alone).
 """
 import copy
 

@@ -55,7 +55,7 @@ struct DecodeParams {
   int64_t T, H, I, E, k, Rg, Ru, Rd;
   float scale;
   int activation;
-  bool prefetch;  // swiglu asks L1 for its pairs' weights once the routing is known
+  bool prefetch;  // swiglu asks L1 for its pairs' weights once the routing is known (slower: v8)
   DType dtype;   // x, G, U, hbar, y
   DType wdtype;  // the LoRA weights: kFloat32 or dtype
   // Outputs.

@@ -78,15 +78,15 @@ std::optional<at::ScalarType> decode_weight_dtype(
 const void* data_of(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 
 // How the decode path runs (bench/NOTES.md v8): kSideStream, the shrink on a side stream beside
-// the frozen G and U GEMMs; kPrefetch, swiglu's L1 prefetch of its pairs' weights. Both by
-// default; MIXLORA_DECODE_FLAGS (the two bits) overrides it, for measurements and tests: not a
-// setting.
+// the frozen G and U GEMMs (the default); kPrefetch, swiglu's L1 prefetch of its pairs' weights
+// (measured slower: off). MIXLORA_DECODE_FLAGS (the two bits) overrides the default, for
+// measurements and tests: not a setting.
 constexpr int kSideStream = 1;
 constexpr int kPrefetch = 2;
 
 int decode_flags() {
   const char* env = std::getenv("MIXLORA_DECODE_FLAGS");  // read per call: tests switch it
-  return env != nullptr && *env != '\0' ? std::atoi(env) : kSideStream | kPrefetch;
+  return env != nullptr && *env != '\0' ? std::atoi(env) : kSideStream;
 }
 
 // Events for the side stream's fork and join, one pair per device and thread, made once.
