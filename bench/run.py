@@ -53,6 +53,9 @@ class DenseMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+DECODE_T = 16  # rows with at most this many tokens are decode-sized
+
+
 def cuda_times_ms(fn, reps, warmup=3):
     """Milliseconds of each of `reps` calls of fn(), by CUDA events, after `warmup` calls."""
     for _ in range(warmup):
@@ -127,7 +130,9 @@ def bench_shape(H, I, T, E, r, dropout, dtype, device, reps):
     variants = {"dense": base, "fused": layer, "reference": lambda v: reference_forward(layer, v)}
     row = dict(H=H, I=I, T=T, E=E, k=TOP_K, r=r, dropout=dropout, dtype=str(dtype).replace("torch.", ""))
     for name, fn in variants.items():
-        reps_here = max(3, reps // 4) if name == "reference" else reps
+        # Decode-sized rows take ~0.1 ms a call and their ratio moves with the host's jitter
+        # (bench/NOTES.md v8: +-30% between calls at 50): ten times the calls there.
+        reps_here = max(3, reps // 4) if name == "reference" else reps * (10 if T <= DECODE_T else 1)
         row[f"{name}_fwd_ms"] = time_ms(forward(fn), reps_here)
         row[f"{name}_fwdbwd_ms"] = time_ms(forward_backward(fn), reps_here)
         row[f"{name}_peak_mib"] = _peak_extra_mib(forward_backward(fn), device)
@@ -210,7 +215,10 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
     shapes = (QUICK_SHAPES if args.quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
     if args.tokens:
+        all_tokens = sorted({s[2] for s in shapes})
         shapes = [s for s in shapes if s[2] in args.tokens]
+        if not shapes:
+            parser.error(f"no {device.type} shape has T in {args.tokens}; their T: {all_tokens}")
     reps = args.reps or (50 if on_gpu else 5)
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -219,7 +227,8 @@ def main(argv=None):
         rows.append(bench_shape(*shape, dtype=dtype, device=device, reps=reps))
         print(f"done {shape}", file=sys.stderr, flush=True)
     print(f"\nmixlora_ext {mixlora_ext.__version__} on {_device_name()}, torch {torch.__version__}, "
-          f"{dtype}, k={TOP_K}, median of {reps} timed calls; command: {' '.join(sys.argv)}")
+          f"{dtype}, k={TOP_K}, median of {reps} timed calls ({10 * reps} at T <= {DECODE_T}); "
+          f"command: {' '.join(sys.argv)}")
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
     tag = "gpu" if on_gpu else "cpu"
