@@ -6,24 +6,9 @@
 # of bench/run.py (default), profiles at T = 16 (default and 3) and T = 8, and test_cuda.py.
 # Everything goes to $OUT/check.log, so a call cut short still returns what ran.
 #   device: OUT=$OUT bash bench/decode_ab.sh
-OUT=${OUT:-/tmp/decode_ab}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-LOG=$OUT/check.log
-step() {  # step SECONDS TITLE COMMAND...: run with a time limit, its output into the log
-  local limit=$1 title=$2
-  shift 2
-  echo "=== $title ($(date +%T))" | tee -a $LOG
-  ( timeout $limit "$@" ) >> $LOG 2>&1
-  echo "=== $title: exit $? ($(date +%T))" | tee -a $LOG
-}
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a $LOG
-python3 -c "import torch;print(torch.__version__)" | tee -a $LOG
-export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a
-step 400 build python3 -m pip install --no-build-isolation --no-deps . -q
-(cd /tmp && python3 -c "import mixlora_ext") >> $LOG 2>&1 || { tail -60 $LOG; exit 1; }
-SO=$(cd /tmp && python3 -c "import mixlora_ext, os; print(os.path.dirname(mixlora_ext.__file__))")/_C.abi3.so
-{ ldd $SO | grep stdc; echo "std::locale symbols defined in _C: $(nm -C --defined-only $SO | grep -c 'std::locale')"; } | tee -a $LOG
+source "$(dirname "$0")/device_common.sh"
+device_setup /tmp/decode_ab
+build_and_check
 # The crash of v6 / v7 (an error raised by our ops killed the process) and its link fix.
 step 90 bad_inputs pytest -q tests/test_kernels_cpu.py tests/test_layer.py -k "mismatched or bad_inputs or bad_dropout"
 step 150 test_decode pytest -q -x tests/test_decode.py
