@@ -465,10 +465,5 @@ cudaError_t launch_decode_swiglu_expand(const DecodeParams& p, cudaStream_t stre
   });
 }
 
-cudaError_t launch_expert_ffn_decode(const DecodeParams& p, cudaStream_t stream) {
-  const cudaError_t err = launch_decode_shrink(p, stream);
-  return err != cudaSuccess ? err : launch_decode_swiglu_expand(p, stream);
-}
-
 }  // namespace cuda
 }  // namespace mixlora

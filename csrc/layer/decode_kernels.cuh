@@ -71,10 +71,9 @@ bool decode_supported(const DecodeParams& p);
 // Float32 values of the workspace: the routing weights, the shrink's and swiglu's partial sums.
 int64_t decode_workspace_floats(const DecodeParams& p);
 // The shrink (it needs x only: it may run beside the frozen G and U GEMMs), then swiglu and
-// expand (after the shrink, G and U), each on `stream`; launch_expert_ffn_decode: all three.
+// expand (after the shrink, G and U), each on `stream`.
 cudaError_t launch_decode_shrink(const DecodeParams& p, cudaStream_t stream);
 cudaError_t launch_decode_swiglu_expand(const DecodeParams& p, cudaStream_t stream);
-cudaError_t launch_expert_ffn_decode(const DecodeParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mixlora
