@@ -109,13 +109,8 @@ __device__ __forceinline__ bool vec_rows(const void* base, int64_t R) {
   return R % 4 == 0 && aligned16(base);
 }
 
-// The warp's sums of 16 values at once: v[m] summed over the 32 lanes for every m, in 16
-// shuffles (a sum per value, warp_sum, takes 80). Each step halves the values a lane keeps,
-// adding its partner's half (lanes l and l ^ 16 swap halves, then l ^ 8, l ^ 4, l ^ 2; then
-// l ^ 1 adds the last one); lane l ends with the sum of v[(l >> 1) & 15] (lanes 2m and 2m + 1
-// both hold value m's). A fixed pairing, so the result does not depend on scheduling.
-// One step: lanes l and l ^ (2 kHalf) swap halves of v[0 .. 2 kHalf); the lane with that bit
-// set keeps the upper half, now in v[0 .. kHalf).
+// One step of warp_reduce_scatter16: lanes l and l ^ (2 kHalf) swap halves of v[0 .. 2 kHalf);
+// the lane with that bit set keeps the upper half, summed with its partner's, in v[0 .. kHalf).
 template <int kHalf>
 __device__ __forceinline__ void reduce_scatter_step(float (&v)[16], int lane) {
   const bool upper = lane & (2 * kHalf);
@@ -126,6 +121,11 @@ __device__ __forceinline__ void reduce_scatter_step(float (&v)[16], int lane) {
   }
 }
 
+// The warp's sums of 16 values at once: v[m] summed over the 32 lanes for every m, in 16
+// shuffles (a sum per value, warp_sum, takes 80). Each step halves the values a lane keeps,
+// adding its partner's half (lanes l and l ^ 16 swap halves, then l ^ 8, l ^ 4, l ^ 2; then
+// l ^ 1 adds the last one); lane l ends with the sum of v[(l >> 1) & 15] (lanes 2m and 2m + 1
+// both hold value m's). A fixed pairing, so the result does not depend on scheduling.
 __device__ __forceinline__ float warp_reduce_scatter16(float (&v)[16]) {
   const int lane = threadIdx.x % kWarpSize;
   reduce_scatter_step<8>(v, lane);
@@ -152,18 +152,6 @@ __device__ __forceinline__ void zd_warp_sums(const w_t* ad, int64_t I, int64_t R
     const int64_t r = r0 + lane / 2;
     if (lane % 2 == 0 && r < Rd) out[r] = s;
   }
-}
-
-// Ask L1 for the line at p (no register waits on it): the weights a block will read after a
-// chain of dependent steps, fetched from memory while those steps run.
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
-}
-
-// prefetch_l1 for every 128-byte line of [p, p + bytes).
-__device__ __forceinline__ void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 128) prefetch_l1(c + b);
 }
 
 // sum_s part[s * stride], s ascending over the shrink's splits: the loads issued together (a
@@ -293,19 +281,6 @@ __global__ void __launch_bounds__(kSwigluThreads) decode_swiglu_kernel(DecodePar
   const w_t* Bg = static_cast<const w_t*>(p.Bg);
   const w_t* Bu = static_cast<const w_t*>(p.Bu);
   const w_t* Ad = static_cast<const w_t*>(p.Ad);
-  if (p.prefetch) {
-    // The pairs' weights on the tile, from memory into L1 while z is gathered below: without
-    // it each of the k pairs' Bg, Bu and Ad loads waits a memory round trip in turn.
-    const int64_t warp_col = tile * kSwigluThreads + warp * kWarpSize;  // the warp's first column
-    for (int64_t j = 0; j < p.k; ++j) {
-      const int64_t e = es[j];
-      if (active && Bg != nullptr) prefetch_bytes(Bg + (e * p.I + i) * p.Rg, p.Rg * int64_t(sizeof(w_t)));
-      if (active && Bu != nullptr) prefetch_bytes(Bu + (e * p.I + i) * p.Ru, p.Ru * int64_t(sizeof(w_t)));
-      if (Ad != nullptr && warp_col < p.I) {  // Ad[e, r, warp's columns]: a line per rank
-        for (int64_t r = lane; r < p.Rd; r += kWarpSize) prefetch_l1(Ad + (e * p.Rd + r) * p.I + warp_col);
-      }
-    }
-  }
   for (int64_t idx = threadIdx.x; idx < p.k * Rz; idx += kSwigluThreads) {
     const int64_t j = idx / Rz, c = idx % Rz, e = es[j];
     zs[idx] = summed(c < p.Rg ? p.E + e * p.Rg + c : p.E + p.E * p.Rg + e * p.Ru + (c - p.Rg));

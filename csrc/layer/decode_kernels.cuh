@@ -12,8 +12,7 @@
 //           it needs only x, so the glue may run it on a side stream beside the G / U GEMMs;
 //   swiglu  block (column tile, token t): the logits of t from the splits' partials (in split
 //           order), softmax and top-k (topk_warp.cuh; tile 0 writes probs, ids, weights), z of
-//           t's chosen experts likewise (with `prefetch`, the pairs' Bg, Bu, Ad on the tile asked
-//           of L1 meanwhile); then g, u, h of t's k pairs on the tile's columns, hbar
+//           t's chosen experts likewise; then g, u, h of t's k pairs on the tile's columns, hbar
 //           [t, i] = sum_j w_j h_j, and the tile's partial sums of zd[t, j, r] = Ad[e, r, :] . h;
 //   expand  block (column tile of H, token t): zd from the tiles' partials (in a fixed order),
 //           then y[t, h] = sum_j (w_j s) Bd[e_j, h, :] . zd[t, j, :]; the glue adds hbar Wd^T
@@ -55,7 +54,6 @@ struct DecodeParams {
   int64_t T, H, I, E, k, Rg, Ru, Rd;
   float scale;
   int activation;
-  bool prefetch;  // swiglu asks L1 for its pairs' weights once the routing is known (slower: v8)
   DType dtype;   // x, G, U, hbar, y
   DType wdtype;  // the LoRA weights: kFloat32 or dtype
   // Outputs.

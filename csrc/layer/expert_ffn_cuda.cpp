@@ -77,12 +77,10 @@ std::optional<at::ScalarType> decode_weight_dtype(
 
 const void* data_of(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 
-// How the decode path runs (bench/NOTES.md v8): kSideStream, the shrink on a side stream beside
-// the frozen G and U GEMMs (the default); kPrefetch, swiglu's L1 prefetch of its pairs' weights
-// (measured slower: off). MIXLORA_DECODE_FLAGS (the two bits) overrides the default, for
-// measurements and tests: not a setting.
+// How the decode path runs (bench/NOTES.md v8): with kSideStream (the default), the shrink on
+// a side stream beside the frozen G and U GEMMs. MIXLORA_DECODE_FLAGS overrides the default,
+// for measurements and tests: not a setting.
 constexpr int kSideStream = 1;
-constexpr int kPrefetch = 2;
 
 int decode_flags() {
   const char* env = std::getenv("MIXLORA_DECODE_FLAGS");  // read per call: tests switch it
@@ -143,7 +141,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> expert_ffn_cuda(
   p.dtype = static_cast<cuda::DType>(x.scalar_type());
   p.wdtype = static_cast<cuda::DType>(*wdtype);
   const int flags = decode_flags();
-  p.prefetch = (flags & kPrefetch) != 0;
   if (!cuda::decode_supported(p)) return composed();
 
   const auto stream = c10::cuda::getCurrentCUDAStream();
