@@ -1,11 +1,11 @@
 #!/bin/bash
-# One device call for the decode path's variants (bench/NOTES.md v8, v8b, v9): build for sm_90a, the
-# crash checks, the decode tests (every MIXLORA_DECODE_FLAGS value), decode_micro.py under
-# each value (0: one stream; 1: the shrink on a side stream beside the G and U GEMMs, the
-# default); with BASE set to another source tree (a copy of an earlier version, carried to the
-# device), decode_micro.py of that build first, so both versions run in one call; then
-# profiles at T = 16, 8 and 1, test_cuda.py and the decode rows of bench/run.py.
-# Everything goes to $OUT/check.log, so a call cut short still returns what ran.
+# One device call for the decode path's variants (bench/NOTES.md v8, v8b, v9): build for
+# sm_90a, the crash checks, the decode tests (every MIXLORA_DECODE_FLAGS value),
+# decode_micro.py under each value (0: one stream; 1: the shrink on a side stream beside the
+# G and U GEMMs, the default); with BASE set to another source tree (a copy of an earlier
+# version, carried to the device), decode_micro.py of that build first, so both versions run
+# in one call; then profiles at T = 16, 8 and 1, test_cuda.py and the decode rows of
+# bench/run.py. Everything goes to $OUT/check.log, so a call cut short still returns what ran.
 #   device: OUT=$OUT [BASE=.ab/base] bash bench/decode_ab.sh
 source "$(dirname "$0")/device_common.sh"
 device_setup /tmp/decode_ab
