@@ -278,6 +278,41 @@ __device__ __forceinline__ void lora_update(const WarpRows& w, const Frags& z, c
   }, acc);
 }
 
+// lora_update of the gate and the up LoRA in one walk over the warp's experts (both present,
+// ranks <= 16: one k-chunk, z in registers): four independent accumulator chains per expert
+// (g and u, two n-tiles each) instead of two walks of two, and one loop's overhead.
+template <typename Frags>
+__device__ __forceinline__ void lora_update_gu(const WarpRows& w, const Frags& zg, const Frags& zu,
+                                               const bf16* Bg_s, const bf16* Bu_s, int Rg, int Ru,
+                                               float (&dg)[kMmaStep / 8][4],
+                                               float (&du)[kMmaStep / 8][4]) {
+  static_assert(Frags::kOneChunk, "ranks <= 16");
+  const int lane = threadIdx.x % kWarpSize;
+  const int lane_off = ((lane / 16) * 8 + lane % 8);
+  const bf16* g_row = Bg_s + lane_off * (Rg + kPad) + (lane / 8 % 2) * 8;
+  const bf16* u_row = Bu_s + lane_off * (Ru + kPad) + (lane / 8 % 2) * 8;
+  const int g_expert = kMmaStep * (Rg + kPad), u_expert = kMmaStep * (Ru + kPad);
+#pragma unroll 1
+  for (int e = w.e_first; e <= w.e_last; ++e) {
+    if (((w.used >> e) & 1u) == 0) continue;
+    uint32_t ag[2][4], au[2][4], bg[4], bu[4];
+    zg(w, e, 0, ag);
+    zu(w, e, 0, au);
+    ldmatrix_x4(bg, g_row + e * g_expert);
+    ldmatrix_x4(bu, u_row + e * u_expert);
+    if (Rg <= 8) bg[1] = bg[3] = 0u;  // (R = 8: k 8..15 is the rows' padding)
+    if (Ru <= 8) bu[1] = bu[3] = 0u;
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+#pragma unroll
+      for (int nt = 0; nt < kMmaStep / 8; ++nt) {
+        mma_bf16(dg[nt], ag[t], bg[2 * nt], bg[2 * nt + 1]);
+        mma_bf16(du[nt], au[t], bu[2 * nt], bu[2 * nt + 1]);
+      }
+    }
+  }
+}
+
 // The per-pair sums over the step's columns of A_cols [rows, 16 step columns] (three split
 // terms, in the accumulator = A layout) times a staged weight: for each expert e the warp uses
 // and each n-tile rb of 8 of its R ranks, sum_col A[row, col] * W(e, r, col), added into
@@ -366,6 +401,83 @@ __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* gr
   }
 }
 
+// stage_step's copies with the per-thread offsets that do not change from step to step
+// computed once per block (the forward without dropout, which has the registers for them:
+// ~100 against the backward's 128): per step and tile one 32-bit multiply-add and the copies,
+// instead of stage_step's ~150 instructions of 64-bit index math (bench/NOTES.md v11). The same
+// copies into the same places as stage_step (G and U rows relative to the block's first
+// token).
+struct StagePlan {
+  int32_t b_src[2], b_dst[2];  // Bg, Bu: the thread's first row, without the c0 * R term
+  int32_t b_col[2];            // the step column of all its Bg / Bu rows
+  int32_t col8;                // the step column of its Ad, G and U chunks
+  int32_t ad_src, ad_dst;      // Ad: its first row, without c0
+  int32_t x_src, x_dst;        // G, U: its first token row, without t0 * I + c0
+
+  __device__ __forceinline__ StagePlan(const SwigluInputs& p, const MmaSmem& L) {
+    const int tid = threadIdx.x, I = static_cast<int>(p.I);
+#pragma unroll
+    for (int pass = 0; pass < 2; ++pass) {
+      const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
+      const int shift = R > 0 ? __ffs(R / 8) - 1 : 0;
+      const int row0 = tid >> shift, chunk8 = (tid & (max(R, 8) / 8 - 1)) * 8;
+      b_col[pass] = row0 % kMmaStep;
+      b_src[pass] = ((row0 / kMmaStep) * I + b_col[pass]) * R + chunk8;
+      b_dst[pass] = (pass == 0 ? L.bg : L.bu) + row0 * (R + kPad) + chunk8;
+    }
+    constexpr int kChunks = kMmaStep / 8;
+    col8 = (tid % kChunks) * 8;
+    const int row0 = tid / kChunks;
+    ad_src = row0 * I + col8;
+    ad_dst = L.ad + row0 * kColStride + col8;
+    x_src = row0 * I + col8;
+    x_dst = row0 * kColStride + col8;
+  }
+};
+
+__device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const StagePlan& pl,
+                                                   const MmaSmem& L, bf16* st, int64_t t0,
+                                                   int tokens, int64_t c0, int64_t col_end) {
+  const int E = static_cast<int>(p.E), I = static_cast<int>(p.I);
+  const int cols_left = static_cast<int>(col_end - c0), c = static_cast<int>(c0);
+  const int tid = thread_index_here();
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    const bf16* B = static_cast<const bf16*>(pass == 0 ? p.Bg : p.Bu);
+    const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
+    if (B == nullptr) continue;
+    const int shift = __ffs(R / 8) - 1;
+    const int rows_step = kMmaThreads >> shift;
+    const bool valid = pl.b_col[pass] < cols_left;
+    const bf16* src = B + (valid ? c * R + pl.b_src[pass] : 0);
+    const int src_step = valid ? (rows_step / kMmaStep) * I * R : 0;
+    bf16* dst = st + pl.b_dst[pass];
+    for (int row = tid >> shift; row < E * kMmaStep; row += rows_step) {
+      cp_async16_zfill(dst, src, valid);
+      src += src_step;
+      dst += rows_step * (R + kPad);
+    }
+  }
+  constexpr int kRowsStep = kMmaThreads / (kMmaStep / 8);
+  const bool valid = pl.col8 < cols_left;
+  const int row0 = tid / (kMmaStep / 8);
+  if (p.Ad != nullptr) {
+    const bf16* src = static_cast<const bf16*>(p.Ad) + (valid ? c + pl.ad_src : 0);
+    bf16* dst = st + pl.ad_dst;
+    const int rows = E * static_cast<int>(p.Rd);
+    for (int row = row0; row < rows; row += kRowsStep) {
+      cp_async16_zfill(dst, src, valid);
+      src += valid ? kRowsStep * I : 0;
+      dst += kRowsStep * kColStride;
+    }
+  }
+  if (row0 < tokens) {  // (kRowsStep >= the block's tokens: one row of G and U at most)
+    const int64_t at = valid ? t0 * p.I + c + pl.x_src : 0;
+    cp_async16_zfill(st + L.g + pl.x_dst, static_cast<const bf16*>(p.G) + at, valid);
+    cp_async16_zfill(st + L.u + pl.x_dst, static_cast<const bf16*>(p.U) + at, valid);
+  }
+}
+
 // Step c0's start, in the block's step loop (st: 0, 1, 0, .. from col_begin): its tiles landed
 // and seen by every thread, and every thread done with step c0 - kMmaStep's. With two stages
 // the copies of step c0 + kMmaStep go to the other stage now (one barrier per step); with one,
@@ -373,11 +485,10 @@ __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* gr
 // overlap of copies and math within the block). Returns step c0's stage. STAGES is the
 // layout's, a template argument of the kernels: tested at run time it cost the r = 16
 // backward 5% (bench/NOTES.md v5).
-template <int STAGES>
-__device__ __forceinline__ const bf16* begin_step(const SwigluInputs& p, const bf16* grad_hbar,
-                                                  const MmaSmem& L, unsigned char* smem, int st,
-                                                  int64_t t0, int tokens, int64_t c0,
-                                                  int64_t col_begin, int64_t col_end) {
+template <int STAGES, typename Issue>
+__device__ __forceinline__ const bf16* begin_step(const MmaSmem& L, unsigned char* smem, int st,
+                                                  int64_t c0, int64_t col_begin, int64_t col_end,
+                                                  Issue&& issue) {
   // (Stage i by arithmetic, not a pointer array: that would live in local memory and make
   // every staged read a generic load.)
   auto stage = [&](int i) { return reinterpret_cast<bf16*>(smem + L.stage + i * L.stage_bytes); };
@@ -385,7 +496,7 @@ __device__ __forceinline__ const bf16* begin_step(const SwigluInputs& p, const b
   if constexpr (one_stage) {
     if (c0 > col_begin) {
       __syncthreads();
-      stage_step(p, grad_hbar, L, stage(0), t0, tokens, c0, col_end);
+      issue(stage(0), c0);
       cp_async_commit();
     }
   }
@@ -393,7 +504,7 @@ __device__ __forceinline__ const bf16* begin_step(const SwigluInputs& p, const b
   __syncthreads();
   if constexpr (!one_stage) {
     if (c0 + kMmaStep < col_end) {
-      stage_step(p, grad_hbar, L, stage(st ^ 1), t0, tokens, c0 + kMmaStep, col_end);
+      issue(stage(st ^ 1), c0 + kMmaStep);
       cp_async_commit();
     }
   }
@@ -505,7 +616,7 @@ __device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, 
 // barrier, while the warps fill the other buffer (a second barrier per step stalled ~18% of
 // the time, bench/NOTES.md v4). STAGES: the layout's (mma_layout); with one stage, two barriers
 // per step (begin_step).
-template <int R8, int ACT, int STAGES>
+template <int R8, int ACT, int STAGES, bool DROP>
 __global__ void __launch_bounds__(kMmaThreads)
     moe_swiglu_mma_kernel(MoeSwigluParams p, MmaSmem L, int64_t tokens_per_block,
                           int64_t block_cols, float* zd_tiles) {
@@ -526,7 +637,16 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
   const int64_t col_end = min(p.I, col_begin + block_cols);
   const int k = static_cast<int>(p.k);
-  stage_step(p, nullptr, L, first_stage, t0, tokens, col_begin, col_end);  // flies meanwhile
+  // Without dropout the staging offsets are computed once (StagePlan); with it, per step.
+  const StagePlan plan(p, L);
+  auto issue = [&](bf16* stage, int64_t c) {
+    if constexpr (DROP) {
+      stage_step(p, nullptr, L, stage, t0, tokens, c, col_end);
+    } else {
+      stage_step_planned(p, plan, L, stage, t0, tokens, c, col_end);
+    }
+  };
+  issue(first_stage, col_begin);  // flies meanwhile
   cp_async_commit();
   const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
                                   zg_lo, zu_hi, zu_lo);
@@ -539,18 +659,30 @@ __global__ void __launch_bounds__(kMmaThreads)
 
   const float s = static_cast<float>(p.scale);
   const DropoutScale<float> drop(p.dropout_p, p.key);
+  // The row-buffer row of each fragment row (its pair; rows past the pairs their own row).
+  const int slot[2] = {w.pair[0] >= 0 ? w.pair[0] : w.row[0], w.pair[1] >= 0 ? w.pair[1] : w.row[1]};
   float zacc[2][R8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
-    const bf16* S = begin_step<STAGES>(p, nullptr, L, smem, st, t0, tokens, c0, col_begin, col_end);
+    const bf16* S = begin_step<STAGES>(L, smem, st, c0, col_begin, col_end, issue);
     if (c0 > col_begin) {  // step c0 - 16's rows are complete
       combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
     }
     float* wh_st = wh(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {};  // delta_g, delta_u
-    if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
-    if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
+    if constexpr (R8 == 2) {
+      if (p.Bg != nullptr && p.Bu != nullptr) {
+        lora_update_gu(w, zg, zu, S + L.bg, S + L.bu, static_cast<int>(p.Rg),
+                       static_cast<int>(p.Ru), dgl, dul);
+      } else {
+        if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
+        if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
+      }
+    } else {
+      if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
+      if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
+    }
 
     // g, u, h at the accumulator positions (rows row[half], step columns 8 nt + 2 c + v);
     // drop(h) straight into the zd MMA's A fragment (regs: (row0, k) (row1, k) (row0, k + 8)
@@ -562,7 +694,24 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float h[2] = {0.f, 0.f}, hd[2] = {0.f, 0.f};
-        if (w.pair[half] >= 0 && c0 + col < col_end) {  // I % 8 == 0: col + 1 is inside too
+        if constexpr (!DROP) {
+          // Without dropout, no branch: a row past the block's pairs reads token 0 and writes
+          // its own row of the buffer (slot[half]: rows >= the block's pairs, which
+          // combine_pairs never reads; its zd rows are discarded), and columns past col_end
+          // were staged as zeros (G = U = 0, B = 0), so h = act(0) * 0 = 0 there.
+          const int at = b.tok[half] * kColStride + col;
+          const float2 Gv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.g + at));
+          const float2 Uv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.u + at));
+          const float Gs[2] = {Gv.x, Gv.y}, Us[2] = {Uv.x, Uv.y};
+#pragma unroll
+          for (int v = 0; v < 2; ++v) {
+            const float gv = p.Bg != nullptr ? Gs[v] + s * dgl[nt][2 * half + v] : Gs[v];
+            const float uv = p.Bu != nullptr ? Us[v] + s * dul[nt][2 * half + v] : Us[v];
+            h[v] = hd[v] = activation_at<ACT>(p.activation, gv).a * uv;
+          }
+          *reinterpret_cast<float2*>(wh_st + slot[half] * kWhStride + col) =
+              make_float2(b.weight[half] * h[0], b.weight[half] * h[1]);
+        } else if (w.pair[half] >= 0 && c0 + col < col_end) {  // I % 8 == 0: col + 1 is inside too
           const int at = b.tok[half] * kColStride + col;
           const float2 Gv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.g + at));
           const float2 Uv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.u + at));
@@ -685,7 +834,9 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
     // As in the forward: dg and du rows of step c0 - 16 are combined while this step fills
     // the other pair of row buffers.
-    const bf16* S = begin_step<STAGES>(p, grad_hbar, L, smem, st, t0, tokens, c0, col_begin, col_end);
+    const bf16* S = begin_step<STAGES>(L, smem, st, c0, col_begin, col_end, [&](bf16* stage, int64_t c) {
+      stage_step(p, grad_hbar, L, stage, t0, tokens, c, col_end);
+    });
     if (c0 > col_begin) {
       combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
       combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
@@ -885,8 +1036,12 @@ cudaError_t launch_moe_swiglu_mma(const MoeSwigluParams& p, float* zd_tiles, cud
   };
   auto by_stages = [&](auto r8, auto act) {
     constexpr int R8 = decltype(r8)::value, ACT = decltype(act)::value;
-    return layout.stages == 1 ? launch(moe_swiglu_mma_kernel<R8, ACT, 1>)
-                              : launch(moe_swiglu_mma_kernel<R8, ACT, 2>);
+    if (p.dropout_p > 0) {
+      return layout.stages == 1 ? launch(moe_swiglu_mma_kernel<R8, ACT, 1, true>)
+                                : launch(moe_swiglu_mma_kernel<R8, ACT, 2, true>);
+    }
+    return layout.stages == 1 ? launch(moe_swiglu_mma_kernel<R8, ACT, 1, false>)
+                              : launch(moe_swiglu_mma_kernel<R8, ACT, 2, false>);
   };
   return by_rank_and_activation(p, by_stages);
 }
