@@ -199,6 +199,20 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem_ptr, const void* gme
   __trap();
 #endif
 }
+
+// cp_async16_zfill with the destination as a shared-memory address (what __cvta_generic_to_shared
+// gives), for callers that step it themselves.
+__device__ __forceinline__ void cp_async16_zfill_shared(unsigned smem_addr, const void* gmem_ptr,
+                                                        bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem_ptr),
+               "r"(valid ? 16 : 0)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");

@@ -348,6 +348,38 @@ __device__ __forceinline__ void pair_sums(const WarpRows& w, const uint32_t (&a_
   });
 }
 
+// pair_sums for ranks <= 16 (R8 == 2) with both n-tiles of 8 ranks at once: two independent
+// MMA chains per expert instead of one after the other (ranks past R read clamped rows or the
+// rows' padding; their sums are never stored).
+template <typename BFrag>
+__device__ __forceinline__ void pair_sums16(const WarpRows& w, const uint32_t (&a_hi)[4],
+                                            const uint32_t (&a_mid)[4], const uint32_t (&a_lo)[4],
+                                            BFrag&& b_frag, float (&acc)[2][2][2]) {
+#pragma unroll 1
+  for (int e = w.e_first; e <= w.e_last; ++e) {
+    if (((w.used >> e) & 1u) == 0) continue;
+    uint32_t b[4];
+    b_frag(e, 0, b);
+    float cz[2][4] = {};
+#pragma unroll
+    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], a_hi, b[2 * j], b[2 * j + 1]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], a_mid, b[2 * j], b[2 * j + 1]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], a_lo, b[2 * j], b[2 * j + 1]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (w.expert[half] == e) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          acc[half][j][0] += cz[j][2 * half];
+          acc[half][j][1] += cz[j][2 * half + 1];
+        }
+      }
+    }
+  }
+}
+
 // Issues the cp.async copies of step c0's tiles into one stage (columns past col_end, zeros).
 // Thread i copies chunk i % C of rows i / C, i / C + kMmaThreads / C, ... of each tile, C its
 // 16-byte chunks per row (a power of two dividing kMmaThreads). Offsets are 32-bit
@@ -438,6 +470,8 @@ struct StagePlan {
 __device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const StagePlan& pl,
                                                    const MmaSmem& L, bf16* st, int64_t t0,
                                                    int tokens, int64_t c0, int64_t col_end) {
+  // Every offset here is 32-bit and relative to a tensor's start (mma_forward_supported checks
+  // the sizes); one 64-bit multiply-add per copy forms its address.
   const int E = static_cast<int>(p.E), I = static_cast<int>(p.I);
   const int cols_left = static_cast<int>(col_end - c0), c = static_cast<int>(c0);
   const int tid = thread_index_here();
@@ -447,32 +481,34 @@ __device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const 
     const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
     if (B == nullptr) continue;
     const int shift = __ffs(R / 8) - 1;
-    const int rows_step = kMmaThreads >> shift;
+    const int rows_step = kMmaThreads >> shift;  // a multiple of kMmaStep: E rows at a time
+    static_assert((kMmaThreads & (kMmaThreads - 1)) == 0, "rows_step is a power of two");
+    const int n = (E * kMmaStep - (tid >> shift) + rows_step - 1) >> (__ffs(kMmaThreads) - 1 - shift);
     const bool valid = pl.b_col[pass] < cols_left;
-    const bf16* src = B + (valid ? c * R + pl.b_src[pass] : 0);
+    int src = valid ? c * R + pl.b_src[pass] : 0;
     const int src_step = valid ? (rows_step / kMmaStep) * I * R : 0;
-    bf16* dst = st + pl.b_dst[pass];
-    for (int row = tid >> shift; row < E * kMmaStep; row += rows_step) {
-      cp_async16_zfill(dst, src, valid);
-      src += src_step;
-      dst += rows_step * (R + kPad);
+    unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(st + pl.b_dst[pass]));
+    const unsigned dst_step = rows_step * (R + kPad) * sizeof(bf16);
+#pragma unroll 1
+    for (int i = 0; i < n; ++i, src += src_step, dst += dst_step) {
+      cp_async16_zfill_shared(dst, B + src, valid);
     }
   }
   constexpr int kRowsStep = kMmaThreads / (kMmaStep / 8);
   const bool valid = pl.col8 < cols_left;
   const int row0 = tid / (kMmaStep / 8);
   if (p.Ad != nullptr) {
-    const bf16* src = static_cast<const bf16*>(p.Ad) + (valid ? c + pl.ad_src : 0);
-    bf16* dst = st + pl.ad_dst;
-    const int rows = E * static_cast<int>(p.Rd);
-    for (int row = row0; row < rows; row += kRowsStep) {
-      cp_async16_zfill(dst, src, valid);
-      src += valid ? kRowsStep * I : 0;
-      dst += kRowsStep * kColStride;
+    const int n = static_cast<int>(static_cast<unsigned>(E * static_cast<int>(p.Rd) - row0 + kRowsStep - 1) / kRowsStep);
+    int src = valid ? c + pl.ad_src : 0;
+    const int src_step = valid ? kRowsStep * I : 0;
+    unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(st + pl.ad_dst));
+#pragma unroll 1
+    for (int i = 0; i < n; ++i, src += src_step, dst += kRowsStep * kColStride * sizeof(bf16)) {
+      cp_async16_zfill_shared(dst, static_cast<const bf16*>(p.Ad) + src, valid);
     }
   }
   if (row0 < tokens) {  // (kRowsStep >= the block's tokens: one row of G and U at most)
-    const int64_t at = valid ? t0 * p.I + c + pl.x_src : 0;
+    const int64_t at = valid ? t0 * p.I + (c + pl.x_src) : 0;
     cp_async16_zfill(st + L.g + pl.x_dst, static_cast<const bf16*>(p.G) + at, valid);
     cp_async16_zfill(st + L.u + pl.x_dst, static_cast<const bf16*>(p.U) + at, valid);
   }
@@ -733,10 +769,15 @@ __global__ void __launch_bounds__(kMmaThreads)
     // contiguous; ldmatrix matrices (n 8 rb + 0..7, k 0-7) (.., k 8-15) (n 8 rb + 8..15, ..).
     if (p.Ad != nullptr) {
       const int Rd = static_cast<int>(p.Rd);
-      pair_sums<R8>(w, h_hi, h_mid, h_lo, Rd, [&](int e, int rb, uint32_t (&bf)[4]) {
+      auto ad_frag = [&](int e, int rb, uint32_t (&bf)[4]) {
         const int n = min(rb * 8 + (lane / 16) * 8 + lane % 8, Rd - 1);  // (ranks >= Rd unused)
         ldmatrix_x4(bf, S + L.ad + (e * Rd + n) * kColStride + (lane / 8 % 2) * 8);
-      }, zacc);
+      };
+      if constexpr (R8 == 2) {
+        pair_sums16(w, h_hi, h_mid, h_lo, ad_frag, zacc);
+      } else {
+        pair_sums<R8>(w, h_hi, h_mid, h_lo, Rd, ad_frag, zacc);
+      }
     }
   }
   __syncthreads();  // the last step's rows
@@ -776,7 +817,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 //
 // Ranks above 16 (R8 > 2) leave one block per SM (shared memory, bench/NOTES.md v5), so the
 // register limit is that of one block: no spills.
-template <int R8, int ACT, int STAGES>
+template <int R8, int ACT, int STAGES, bool DROP>
 __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, MmaSmem L, int64_t tokens_per_block,
                               int64_t block_cols, float* sums) {
@@ -827,6 +868,7 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
 
   const float s = static_cast<float>(p.scale);
   const DropoutScale<float> drop(p.dropout_p, p.key);
+  const int slot[2] = {w.pair[0] >= 0 ? w.pair[0] : w.row[0], w.pair[1] >= 0 ? w.pair[1] : w.row[1]};
   float dw[2] = {0.f, 0.f};         // dweights[pair[half]] over this thread's columns
   float zg_acc[2][R8][2] = {};      // dzg / s and dzu / s [pair[half], 8 rb + 2 c + v]
   float zu_acc[2][R8][2] = {};
@@ -845,8 +887,18 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     float* du_st = du_buf(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {}, adz[kMmaStep / 8][4] = {};
-    if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
-    if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
+    if constexpr (R8 == 2) {
+      if (p.Bg != nullptr && p.Bu != nullptr) {
+        lora_update_gu(w, zg, zu, S + L.bg, S + L.bu, static_cast<int>(p.Rg),
+                       static_cast<int>(p.Ru), dgl, dul);
+      } else {
+        if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
+        if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
+      }
+    } else {
+      if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
+      if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
+    }
     if (has_gzd) {  // adz[row, col] = sum_r grad_zd[row, r] * Ad[e(row), r, col]
       // Ad staged [E, Rd, step columns]: k (rank) rows, n (column) contiguous, so transposed
       // ldmatrix: matrices (k0 + 0..7, n 0-7) (k0 + 8..15, n 0-7) (.., n 8-15) (..).
@@ -867,7 +919,9 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         float dgv[2] = {0.f, 0.f}, duv[2] = {0.f, 0.f};
-        if (w.pair[half] >= 0 && c0 + col < col_end) {
+        // Without dropout, no branch (as in the forward): rows past the pairs work on token 0
+        // into their own rows of the buffers (slot), columns past col_end are zeros.
+        if (!DROP || (w.pair[half] >= 0 && c0 + col < col_end)) {
           const int at = b.tok[half] * kColStride + col;
           const float2 Gv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.g + at));
           const float2 Uv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(S + L.u + at));
@@ -880,15 +934,20 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
             const ActValue<float> act = activation_at<ACT>(p.activation, gv);
             float dh = b.weight[half] * gh[v];
             if (has_gzd) {
-              const float m = drop.active ? drop.factor(b.drop_base[half] + c0 + col + v) : 1.f;
-              dh += m * adz[nt][2 * half + v];
+              if constexpr (DROP) {
+                const float m = drop.active ? drop.factor(b.drop_base[half] + c0 + col + v) : 1.f;
+                dh += m * adz[nt][2 * half + v];
+              } else {
+                dh += adz[nt][2 * half + v];
+              }
             }
             dw[half] += gh[v] * (act.a * uv);
             dgv[v] = dh * uv * act.da;  // (swiglu_point_grad)
             duv[v] = dh * act.a;
           }
-          *reinterpret_cast<float2*>(dg_st + w.pair[half] * kWhStride + col) = make_float2(dgv[0], dgv[1]);
-          *reinterpret_cast<float2*>(du_st + w.pair[half] * kWhStride + col) = make_float2(duv[0], duv[1]);
+          const int row = DROP ? w.pair[half] : slot[half];
+          *reinterpret_cast<float2*>(dg_st + row * kWhStride + col) = make_float2(dgv[0], dgv[1]);
+          *reinterpret_cast<float2*>(du_st + row * kWhStride + col) = make_float2(duv[0], duv[1]);
         }
         split3_bf16x2(dgv[0], dgv[1], g_hi[nt * 2 + half], g_mid[nt * 2 + half], g_lo[nt * 2 + half]);
         split3_bf16x2(duv[0], duv[1], u_hi[nt * 2 + half], u_mid[nt * 2 + half], u_lo[nt * 2 + half]);
@@ -905,11 +964,19 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     };
     if (p.Bg != nullptr) {
       const int Rg = static_cast<int>(p.Rg);
-      pair_sums<R8>(w, g_hi, g_mid, g_lo, Rg, weight_frag(S + L.bg, Rg), zg_acc);
+      if constexpr (R8 == 2) {
+        pair_sums16(w, g_hi, g_mid, g_lo, weight_frag(S + L.bg, Rg), zg_acc);
+      } else {
+        pair_sums<R8>(w, g_hi, g_mid, g_lo, Rg, weight_frag(S + L.bg, Rg), zg_acc);
+      }
     }
     if (p.Bu != nullptr) {
       const int Ru = static_cast<int>(p.Ru);
-      pair_sums<R8>(w, u_hi, u_mid, u_lo, Ru, weight_frag(S + L.bu, Ru), zu_acc);
+      if constexpr (R8 == 2) {
+        pair_sums16(w, u_hi, u_mid, u_lo, weight_frag(S + L.bu, Ru), zu_acc);
+      } else {
+        pair_sums<R8>(w, u_hi, u_mid, u_lo, Ru, weight_frag(S + L.bu, Ru), zu_acc);
+      }
     }
   }
   __syncthreads();  // the last step's rows
@@ -1064,8 +1131,12 @@ cudaError_t launch_moe_swiglu_bwd_mma(const MoeSwigluBackwardParams& p, float* s
   };
   auto by_stages = [&](auto r8, auto act) {
     constexpr int R8 = decltype(r8)::value, ACT = decltype(act)::value;
-    return layout.stages == 1 ? launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 1>)
-                              : launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 2>);
+    if (p.dropout_p > 0) {
+      return layout.stages == 1 ? launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 1, true>)
+                                : launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 2, true>);
+    }
+    return layout.stages == 1 ? launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 1, false>)
+                              : launch(moe_swiglu_bwd_mma_kernel<R8, ACT, 2, false>);
   };
   return by_rank_and_activation(p, by_stages);
 }
