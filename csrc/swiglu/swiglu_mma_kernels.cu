@@ -34,6 +34,10 @@
 // gradients in the accumulator layout (three terms each). dG and dU go through shared memory
 // for the combine over j; dweights is summed by each thread over its columns, then over its
 // quad. The weight gradients (pass 2, expert-major) are in swiglu_wgrad_mma_kernels.cu.
+//
+// Both kernels have an instance without LoRA dropout (DROP = false) whose per-element work has
+// no dropout code and no bounds branches, and whose gate and up deltas are one walk over the
+// warp's experts (bench/NOTES.md v11); dropout takes the DROP = true instance.
 #include <algorithm>
 #include <cassert>
 
@@ -518,9 +522,10 @@ __device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const 
 // and seen by every thread, and every thread done with step c0 - kMmaStep's. With two stages
 // the copies of step c0 + kMmaStep go to the other stage now (one barrier per step); with one,
 // step c0's own copies are issued here once the last step's reads are done (two barriers, no
-// overlap of copies and math within the block). Returns step c0's stage. STAGES is the
-// layout's, a template argument of the kernels: tested at run time it cost the r = 16
-// backward 5% (bench/NOTES.md v5).
+// overlap of copies and math within the block). issue(stage, c) issues step c's copies into
+// stage (stage_step or stage_step_planned). Returns step c0's stage. STAGES is the layout's, a
+// template argument of the kernels: tested at run time it cost the r = 16 backward 5%
+// (bench/NOTES.md v5).
 template <int STAGES, typename Issue>
 __device__ __forceinline__ const bf16* begin_step(const MmaSmem& L, unsigned char* smem, int st,
                                                   int64_t c0, int64_t col_begin, int64_t col_end,
