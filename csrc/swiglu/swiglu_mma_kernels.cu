@@ -632,19 +632,40 @@ __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t 
 }
 
 // out[t, step columns] = sum_j rows_buf[t k + j] over the block's tokens, j ascending, stored
-// in bf16; 8 columns per task.
-__device__ __forceinline__ void combine_pairs(const float* rows_buf, bf16* out, int64_t I, int64_t t0,
-                                              int tokens, int k, int64_t c0, int64_t col_end) {
-  for (int task = threadIdx.x; task < tokens * (kMmaStep / 8); task += kMmaThreads) {
-    const int t = task / (kMmaStep / 8), cg = (task % (kMmaStep / 8)) * 8;
-    if (c0 + cg >= col_end) continue;
-    float sum[8] = {};
+// in bf16; V (4 or 8) columns per task, tasks over the threads first .. first + count - 1 only.
+// The forward's 64 tokens x 4 column groups give each of its 256 threads one task (with 8
+// columns a task, half the warps combined while the other half waited at the next barrier);
+// the backward's dG and dU each take half of the block (bench/NOTES.md v11).
+template <int V>
+__device__ __forceinline__ void combine_pairs_v(const float* rows_buf, bf16* out, int64_t I,
+                                                int64_t t0, int tokens, int k, int64_t c0,
+                                                int64_t col_end, int first, int count) {
+  static_assert(V == 4 || V == 8, "whole float4 row-buffer reads");
+  constexpr int G = kMmaStep / V;
+  const int me = static_cast<int>(threadIdx.x) - first;
+  if (me < 0 || me >= count) return;
+  for (int task = me; task < tokens * G; task += count) {
+    const int t = task / G, cg = (task % G) * V;
+    if (c0 + cg >= col_end) continue;  // (I % 8 == 0: a group is inside or outside whole)
+    float sum[V] = {};
     for (int j = 0; j < k; ++j) {
       const float* src = rows_buf + (t * k + j) * kWhStride + cg;
 #pragma unroll
-      for (int v = 0; v < 8; ++v) sum[v] += src[v];
+      for (int v = 0; v < V; v += 4) {
+        const float4 x = *reinterpret_cast<const float4*>(src + v);
+        sum[v] += x.x;
+        sum[v + 1] += x.y;
+        sum[v + 2] += x.z;
+        sum[v + 3] += x.w;
+      }
     }
-    store_acc<8>(out + (t0 + t) * I + c0 + cg, sum);
+    bf16* dst = out + (t0 + t) * I + c0 + cg;
+    if constexpr (V == 8) {
+      store_acc<8>(dst, sum);
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16x2(__floats2bfloat162_rn(sum[0], sum[1])),
+                                                  pack_bf16x2(__floats2bfloat162_rn(sum[2], sum[3])));
+    }
   }
 }
 
@@ -707,7 +728,8 @@ __global__ void __launch_bounds__(kMmaThreads)
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
     const bf16* S = begin_step<STAGES>(L, smem, st, c0, col_begin, col_end, issue);
     if (c0 > col_begin) {  // step c0 - 16's rows are complete
-      combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
+      combine_pairs_v<4>(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, c0 - kMmaStep,
+                         col_end, 0, kMmaThreads);
     }
     float* wh_st = wh(st);
 
@@ -788,7 +810,8 @@ __global__ void __launch_bounds__(kMmaThreads)
   __syncthreads();  // the last step's rows
   if (col_begin < col_end) {
     const int64_t last = col_begin + (col_end - col_begin - 1) / kMmaStep * kMmaStep;
-    combine_pairs(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, last, col_end);
+    combine_pairs_v<4>(wh(st ^ 1), static_cast<bf16*>(p.hbar), p.I, t0, tokens, k, last, col_end, 0,
+                       kMmaThreads);
   }
 
   if (p.Ad != nullptr) {
@@ -885,8 +908,10 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
       stage_step(p, grad_hbar, L, stage, t0, tokens, c, col_end);
     });
     if (c0 > col_begin) {
-      combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
-      combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, c0 - kMmaStep, col_end);
+      combine_pairs_v<8>(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep,
+                         col_end, 0, kMmaThreads / 2);
+      combine_pairs_v<8>(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, c0 - kMmaStep,
+                         col_end, kMmaThreads / 2, kMmaThreads / 2);
     }
     float* dg_st = dg_buf(st);
     float* du_st = du_buf(st);
@@ -987,8 +1012,10 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
   __syncthreads();  // the last step's rows
   if (col_begin < col_end) {
     const int64_t last = col_begin + (col_end - col_begin - 1) / kMmaStep * kMmaStep;
-    combine_pairs(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, last, col_end);
-    combine_pairs(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, last, col_end);
+    combine_pairs_v<8>(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, last, col_end, 0,
+                       kMmaThreads / 2);
+    combine_pairs_v<8>(du_buf(st ^ 1), static_cast<bf16*>(p.dU), p.I, t0, tokens, k, last, col_end,
+                       kMmaThreads / 2, kMmaThreads / 2);
   }
 
   // dweights: the quad's four lanes hold the row's column shares (fixed butterfly).
