@@ -438,11 +438,10 @@ __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* gr
 }
 
 // stage_step's copies with the per-thread offsets that do not change from step to step
-// computed once per block (the forward without dropout, which has the registers for them:
-// ~100 against the backward's 128): per step and tile one 32-bit multiply-add and the copies,
-// instead of stage_step's ~150 instructions of 64-bit index math (bench/NOTES.md v11). The same
-// copies into the same places as stage_step (G and U rows relative to the block's first
-// token).
+// computed once per block, for the forward without dropout (it keeps them in registers without
+// spills; the backward, at its 128-register cap, keeps stage_step): per step 32-bit offsets,
+// shifts instead of divisions, and the copies: ~110 instructions against stage_step's ~150 of
+// 64-bit index math (bench/NOTES.md v11). The same copies into the same places as stage_step.
 struct StagePlan {
   int32_t b_src[2], b_dst[2];  // Bg, Bu: the thread's first row, without the c0 * R term
   int32_t b_col[2];            // the step column of all its Bg / Bu rows
