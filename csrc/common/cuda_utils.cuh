@@ -189,19 +189,8 @@ __device__ __forceinline__ void cp_async(void* smem_ptr, const void* gmem_ptr) {
   __trap();
 #endif
 }
-__device__ __forceinline__ void cp_async16_zfill(void* smem_ptr, const void* gmem_ptr, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_ptr),
-               "r"(valid ? 16 : 0)
-               : "memory");
-#else
-  __trap();
-#endif
-}
-
-// cp_async16_zfill with the destination as a shared-memory address (what __cvta_generic_to_shared
-// gives), for callers that step it themselves.
+// cp_async16_zfill_shared takes the destination as a shared-memory address (what
+// __cvta_generic_to_shared gives), for callers that step it themselves.
 __device__ __forceinline__ void cp_async16_zfill_shared(unsigned smem_addr, const void* gmem_ptr,
                                                         bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -211,6 +200,10 @@ __device__ __forceinline__ void cp_async16_zfill_shared(unsigned smem_addr, cons
 #else
   __trap();
 #endif
+}
+
+__device__ __forceinline__ void cp_async16_zfill(void* smem_ptr, const void* gmem_ptr, bool valid) {
+  cp_async16_zfill_shared(static_cast<unsigned>(__cvta_generic_to_shared(smem_ptr)), gmem_ptr, valid);
 }
 
 __device__ __forceinline__ void cp_async_commit() {
