@@ -189,6 +189,7 @@ __device__ __forceinline__ void cp_async(void* smem_ptr, const void* gmem_ptr) {
   __trap();
 #endif
 }
+
 // cp_async16_zfill_shared takes the destination as a shared-memory address (what
 // __cvta_generic_to_shared gives), for callers that step it themselves.
 __device__ __forceinline__ void cp_async16_zfill_shared(unsigned smem_addr, const void* gmem_ptr,
