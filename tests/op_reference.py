@@ -133,17 +133,25 @@ def ref_lora_weight_grad(z, x, order, offsets, coef, dropout_p, seed, stream):
 
 
 # --- fused expert SwiGLU and combine -----------------------------------------------------
-def _swiglu_pairs(G, U, ids, zg, Bg, zu, Bu, scale, activation):
-    """g, u, h of every pair: [T, k, I] each, in acc."""
+def _operand(t, dtype):
+    """t (acc) rounded to the activations' dtype and back: a rank-r product's operand
+    (docs/design.md: zg, zu and drop(h) enter their products in G's dtype). Under autograd the
+    gradient passing back through it is rounded the same way."""
+    return t.to(dtype).to(t.dtype)
+
+
+def _swiglu_pairs(G, U, ids, zg, Bg, zu, Bu, scale, activation, operand_dtype):
+    """g, u, h of every pair: [T, k, I] each, in acc; zg, zu rounded to operand_dtype (the
+    activations' dtype: G's, or the op's G where G here is an upcast leaf)."""
     acc = acc_dtype(G.dtype)
     k = ids.shape[1]
     e = ids.long()
     g = G.to(acc)[:, None, :].expand(-1, k, -1)
     u = U.to(acc)[:, None, :].expand(-1, k, -1)
     if Bg is not None:
-        g = g + scale * torch.einsum("tkir,tkr->tki", Bg.to(acc)[e], zg)
+        g = g + scale * torch.einsum("tkir,tkr->tki", Bg.to(acc)[e], _operand(zg, operand_dtype))
     if Bu is not None:
-        u = u + scale * torch.einsum("tkir,tkr->tki", Bu.to(acc)[e], zu)
+        u = u + scale * torch.einsum("tkir,tkr->tki", Bu.to(acc)[e], _operand(zu, operand_dtype))
     return g, u, ACTIVATIONS[activation](g) * u
 
 
@@ -151,11 +159,11 @@ def ref_moe_swiglu(G, U, ids, weights, zg, Bg, zu, Bu, Ad, scale, activation, dr
     acc = acc_dtype(G.dtype)
     T, I = G.shape
     k = ids.shape[1]
-    _, _, h = _swiglu_pairs(G, U, ids, zg, Bg, zu, Bu, scale, activation)  # [T, k, I]
+    _, _, h = _swiglu_pairs(G, U, ids, zg, Bg, zu, Bu, scale, activation, G.dtype)  # [T, k, I]
     hbar = (weights[..., None] * h).sum(1).to(G.dtype)
     if Ad is None:
         return hbar, torch.empty(0, dtype=acc, device=G.device)
-    h_drop = h * dropout_scale(G, seed, 2, T, k, I, dropout_p, acc)
+    h_drop = _operand(h * dropout_scale(G, seed, 2, T, k, I, dropout_p, acc), G.dtype)
     zd = torch.einsum("tkri,tki->tkr", Ad.to(acc)[ids.long()], h_drop)
     return hbar, zd
 
@@ -174,11 +182,11 @@ def ref_moe_swiglu_backward(grad_hbar, grad_zd, G, U, ids, weights, zg, Bg, zu, 
     leaves = {n: t.detach().to(acc).requires_grad_() for n, t in given.items() if t is not None}
     with torch.enable_grad():
         g, u, h = _swiglu_pairs(leaves["G"], leaves["U"], ids, leaves.get("zg"), leaves.get("Bg"),
-                                leaves.get("zu"), leaves.get("Bu"), scale, activation)
+                                leaves.get("zu"), leaves.get("Bu"), scale, activation, G.dtype)
         hbar = (leaves["weights"][..., None] * h).sum(1)
         loss = (grad_hbar.to(acc) * hbar).sum()
         if Ad is not None and grad_zd is not None:
-            h_drop = h * dropout_scale(G, seed, 2, T, k, I, dropout_p, acc)
+            h_drop = _operand(h * dropout_scale(G, seed, 2, T, k, I, dropout_p, acc), G.dtype)
             zd = torch.einsum("tkri,tki->tkr", leaves["Ad"][ids.long()], h_drop)
             loss = loss + (grad_zd * zd).sum()
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)

@@ -1,7 +1,7 @@
 // Device-only math shared by the 16-bit SwiGLU kernels (the tensor-core kernels of
 // swiglu_mma_kernels.cu and the 16-bit instances of the expert-major pass in swiglu_kernels.cu):
-// a fast SiLU with its derivative, and the splits of fp32 values into bf16 terms for MMAs that
-// keep fp32 accuracy. CUDA headers only (nvcc -c checks it without torch).
+// a fast SiLU with its derivative, and the split of an fp32 value into two bf16 terms for MMAs
+// that keep ~16 bits of it. CUDA headers only (nvcc -c checks it without torch).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -46,15 +46,6 @@ __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t& hi, uin
   const float2 hf = __bfloat1622float2(h);
   hi = pack_bf16x2(h);
   lo = pack_bf16x2(__floats2bfloat162_rn(a - hf.x, b - hf.y));
-}
-
-// (a, b) = hi + mid + lo, three bf16 pairs (24 bits: fp32's precision).
-__device__ __forceinline__ void split3_bf16x2(float a, float b, uint32_t& hi, uint32_t& mid,
-                                              uint32_t& lo) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  const float2 hf = __bfloat1622float2(h);
-  split_bf16x2(a - hf.x, b - hf.y, mid, lo);
-  hi = pack_bf16x2(h);
 }
 
 }  // namespace cuda

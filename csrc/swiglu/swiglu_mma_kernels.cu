@@ -9,10 +9,11 @@
 // (g = G + s * delta_g, u = U + s * delta_u.)
 // The block's pairs are ordered by expert (a counting sort in shared memory), so each warp's
 // 16 rows span few experts (1.8 on average at E = 8, k = 2), and a warp skips the experts none
-// of its rows uses. z and h are fp32: z is split into bf16 hi + lo (16 bits; enough for g and
-// u, which are rounded to bf16 in hbar), h into hi + mid + lo (24 bits, as fp32; zd is an fp32
-// output), and every term goes through the MMA (the weights are bf16, exact in it). With ranks
-// up to 16 (R8 == 2) each thread holds its rows' z fragments in registers for the whole block.
+// of its rows uses. The rank-r products take bf16 operands with fp32 accumulation, as a LoRA in
+// bf16 computes them: z, drop(h) and, in the backward, grad_zd, dg and du are rounded to bf16
+// (docs/design.md, "Fused expert SwiGLU"; until v12 they were split into two or three bf16
+// terms to keep fp32's accuracy, bench/NOTES.md v12). With ranks up to 16 (R8 == 2) each
+// thread holds its rows' z fragments in registers for the whole block.
 // B fragments come from the staged tiles through ldmatrix (.trans where the tile's rows are
 // the MMA's k). The SiLU is the fast one of swiglu_fast_math.cuh.
 //
@@ -29,11 +30,11 @@
 // by the caller. Fixed MMA and summation order: bitwise deterministic.
 //
 // The backward's first pass has the same blocks and steps. It recomputes the LoRA deltas of g
-// and u as above, adds ad_gz = grad_zd_masked [pairs, E x Rd] @ Ad (grad_zd in three terms), and
-// takes the per-pair sums dzg / s = dg [pairs, cols] @ Bg and dzu / s = du @ Bu as MMAs of the
-// gradients in the accumulator layout (three terms each). dG and dU go through shared memory
-// for the combine over j; dweights is summed by each thread over its columns, then over its
-// quad. The weight gradients (pass 2, expert-major) are in swiglu_wgrad_mma_kernels.cu.
+// and u as above, adds ad_gz = grad_zd_masked [pairs, E x Rd] @ Ad, and takes the per-pair sums
+// dzg / s = dg [pairs, cols] @ Bg and dzu / s = du @ Bu as MMAs of the gradients in the
+// accumulator layout. dG and dU go through shared memory for the combine over j; dweights is
+// summed by each thread over its columns, then over its quad. The weight gradients (pass 2,
+// expert-major) are in swiglu_wgrad_mma_kernels.cu.
 //
 // Both kernels have an instance without LoRA dropout (DROP = false) whose per-element work has
 // no dropout code and no bounds branches, and whose gate and up deltas are one walk over the
@@ -67,11 +68,12 @@ constexpr int kWhStride = kMmaStep + 4;      // row buffer stride (floats): 8 co
                                              // float2 in distinct banks, 16-byte aligned rows
 constexpr int kMmaMaxRank = 64;
 constexpr int kMmaMaxExperts = 64;
-// Static shared memory of both kernels (ids_s, weights_s, perm_s); the dynamic part may take
-// what the device lets one block opt in to beyond it. Up to ~110 KiB two blocks fit on an SM;
-// more (many experts or ranks: E = 16, r = 64) runs one block of 8 warps per SM, still far
-// ahead of the CUDA-core kernels (bench/NOTES.md v4, v5).
-constexpr size_t kMmaStaticSmem = 3 * sizeof(int32_t) * kMmaRows;
+// Static shared memory of both kernels (ids_s and perm_s as int16: experts < 64 and rows < 128;
+// weights_s); the dynamic part may take what the device lets one block opt in to beyond it.
+// Up to ~110 KiB two blocks fit on an SM; more (many experts or ranks: E = 16, r = 64) runs one
+// block of 8 warps per SM, still far ahead of the CUDA-core kernels (bench/NOTES.md v4, v5).
+// 1 KiB: the r = 64 backward's two stages (226 KiB) fit beside it on sm_90 (bench/NOTES.md v12).
+constexpr size_t kMmaStaticSmem = (2 * sizeof(int16_t) + sizeof(float)) * kMmaRows;
 
 // threadIdx.x, read where it is used: asm volatile is not hoisted out of loops, so what
 // stage_step derives from it is recomputed each step (~15 instructions) instead of being kept
@@ -92,8 +94,8 @@ __device__ __forceinline__ unsigned warp_or(unsigned v) {
 
 // Shared-memory layout of a block (every offset 16-byte aligned): fp32 row buffers
 // [kMmaRows, kWhStride] for two steps (the forward's w * h; the backward's dg and du), z (gate
-// and up) split into hi / lo words by sorted row (only with ranks above 16: else z is held in
-// registers, RegFrags), in the backward grad_zd split into hi / mid / lo words, and
+// and up) as bf16 words by sorted row (only with ranks above 16: else z is held in registers,
+// RegFrags), in the backward grad_zd as bf16 words, and
 // `stages` stages (two: the next step's copies fly during this step's math; one where two do
 // not fit, the r = 64 backward), each holding a step's Bg [E, kMmaStep, Rg + kPad],
 // Bu [E, kMmaStep, Ru + kPad], Ad [E, Rd, kColStride] and G, U (and in the backward grad_hbar)
@@ -112,8 +114,8 @@ struct MmaSmem {
           int num_stages) {
     const bool z_regs = std::max(Rg, Ru) <= 16 && Rd <= 16;  // the kernels' R8 == 2
     const int64_t z_at = int64_t(sizeof(float)) * kMmaRows * kWhStride * (backward ? 4 : 2);
-    const int64_t gz_at = z_at + (z_regs ? 0 : int64_t(sizeof(uint32_t)) * kMmaRows * (Rg + Ru));
-    const int64_t stage_at = gz_at + (backward ? int64_t(sizeof(uint32_t)) * kMmaRows * 3 * (Rd / 2) : 0);
+    const int64_t gz_at = z_at + (z_regs ? 0 : int64_t(sizeof(uint32_t)) * kMmaRows * (Rg / 2 + Ru / 2));
+    const int64_t stage_at = gz_at + (backward ? int64_t(sizeof(uint32_t)) * kMmaRows * (Rd / 2) : 0);
     const int64_t bu_at = E * kMmaStep * (Rg > 0 ? Rg + kPad : 0);
     const int64_t ad_at = bu_at + E * kMmaStep * (Ru > 0 ? Ru + kPad : 0);
     const int64_t g_at = ad_at + E * Rd * kColStride;
@@ -174,64 +176,61 @@ __device__ __forceinline__ void for_each_expert(const WarpRows& w, F&& f) {
   }
 }
 
-// The A fragments (k-chunk k0) of a warp's rows of some per-pair rank-R values split into TERMS
-// bf16 words, masked to the rows of expert e: regs (row0, k) (row1, k) (row0, k + 8)
-// (row1, k + 8) with k = k0 + 2 c, and zero past R. SmemFrags reads them from shared memory
-// each time (TERMS arrays [kMmaRows, R / 2] of words, by sorted row); RegFrags (z, R <= 16: one
-// k-chunk) splits them from global memory once per block and keeps them in registers: the
-// values do not change from step to step, and the per-step loads and their address math were
-// ~40% of the forward's instructions (bench/NOTES.md v4).
-template <int TERMS>
+// a's rows of expert e (A fragment registers: (row0, k) (row1, k) (row0, k + 8) (row1, k + 8)),
+// the other rows zero.
+__device__ __forceinline__ void mask_rows(const WarpRows& w, int e, const uint32_t (&a)[4],
+                                          uint32_t (&am)[4]) {
+  const bool m0 = w.expert[0] == e, m1 = w.expert[1] == e;
+  am[0] = m0 ? a[0] : 0u;
+  am[1] = m1 ? a[1] : 0u;
+  am[2] = m0 ? a[2] : 0u;
+  am[3] = m1 ? a[3] : 0u;
+}
+
+// The A fragments (k-chunk k0) of a warp's rows of some per-pair rank-R values as bf16 words,
+// masked to the rows of expert e: regs (row0, k) (row1, k) (row0, k + 8) (row1, k + 8) with
+// k = k0 + 2 c, and zero past R. SmemFrags reads them from shared memory each time (an array
+// [kMmaRows, R / 2] of words, by sorted row); RegFrags (z, R <= 16: one k-chunk) rounds them
+// from global memory once per block and keeps them in registers: the values do not change from
+// step to step, and the per-step loads and their address math were ~40% of the forward's
+// instructions (bench/NOTES.md v4).
 struct SmemFrags {
   static constexpr bool kOneChunk = false;
-  const uint32_t* words[TERMS];
+  const uint32_t* words;
   int R;
 
-  __device__ __forceinline__ void operator()(const WarpRows& w, int e, int k0,
-                                             uint32_t (&a)[TERMS][4]) const {
+  __device__ __forceinline__ void operator()(const WarpRows& w, int e, int k0, uint32_t (&a)[4]) const {
     const int ka = k0 + 2 * (threadIdx.x % 4), kb = ka + 8;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const bool mine = w.expert[half] == e;
       const int base = w.row[half] * (R / 2);
-#pragma unroll
-      for (int t = 0; t < TERMS; ++t) {
-        a[t][half] = mine && ka < R ? words[t][base + ka / 2] : 0u;
-        a[t][2 + half] = mine && kb < R ? words[t][base + kb / 2] : 0u;
-      }
+      a[half] = mine && ka < R ? words[base + ka / 2] : 0u;
+      a[2 + half] = mine && kb < R ? words[base + kb / 2] : 0u;
     }
   }
 };
 
-template <int TERMS>
 struct RegFrags {
   static constexpr bool kOneChunk = true;  // R <= 16
-  uint32_t v[TERMS][4];  // unmasked; zero for rows past the block's pairs
+  uint32_t v[4];  // unmasked; zero for rows past the block's pairs
 
-  // From z [N, R] fp32 in global memory (TERMS == 2: hi, lo), pair q0 + w.pair[half].
+  // From z [N, R] fp32 in global memory, rounded to bf16, pair q0 + w.pair[half].
   __device__ __forceinline__ RegFrags(const WarpRows& w, const float* z, int64_t q0, int R) {
-    static_assert(TERMS == 2, "z: hi + lo");
     const int ka = 2 * (threadIdx.x % 4), kb = ka + 8;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      v[0][half] = v[1][half] = v[0][2 + half] = v[1][2 + half] = 0u;
+      v[half] = v[2 + half] = 0u;
       if (w.pair[half] < 0 || z == nullptr) continue;
       const float* row = z + (q0 + w.pair[half]) * R;
-      if (ka < R) split_bf16x2(row[ka], row[ka + 1], v[0][half], v[1][half]);
-      if (kb < R) split_bf16x2(row[kb], row[kb + 1], v[0][2 + half], v[1][2 + half]);
+      if (ka < R) v[half] = pack_bf16x2(__floats2bfloat162_rn(row[ka], row[ka + 1]));
+      if (kb < R) v[2 + half] = pack_bf16x2(__floats2bfloat162_rn(row[kb], row[kb + 1]));
     }
   }
 
   __device__ __forceinline__ void operator()(const WarpRows& w, int e, int /*k0: 0*/,
-                                             uint32_t (&a)[TERMS][4]) const {
-    const bool m0 = w.expert[0] == e, m1 = w.expert[1] == e;
-#pragma unroll
-    for (int t = 0; t < TERMS; ++t) {
-      a[t][0] = m0 ? v[t][0] : 0u;
-      a[t][1] = m1 ? v[t][1] : 0u;
-      a[t][2] = m0 ? v[t][2] : 0u;
-      a[t][3] = m1 ? v[t][3] : 0u;
-    }
+                                             uint32_t (&a)[4]) const {
+    mask_rows(w, e, v, a);
   }
 };
 
@@ -239,52 +238,49 @@ struct RegFrags {
 // reader of the words setup_block wrote.
 template <bool kRegs>
 __device__ __forceinline__ auto z_frags(const WarpRows& w, const float* z, int64_t q0,
-                                        const SmemFrags<2>& words) {
+                                        const SmemFrags& words) {
   if constexpr (kRegs) {
-    return RegFrags<2>(w, z, q0, words.R);
+    return RegFrags(w, z, q0, words.R);
   } else {
     return words;
   }
 }
 
-// acc[nt] += sum over the TERMS of A_masked @ B for the step's n-tiles: over the experts e the
-// warp uses and the k-chunks k0 of R, frags(w, e, k0, a) the A fragments of the rows of expert
-// e and b_frag(e, k0, b) the B registers of expert e: b[2 nt] for k rows k0 + 0..7, b[2 nt + 1]
-// for k0 + 8..15 (zero past R).
-template <int TERMS, typename Frags, typename BFrag>
+// acc[nt] += A_masked @ B for the step's n-tiles: over the experts e the warp uses and the
+// k-chunks k0 of R, frags(w, e, k0, a) the A fragments of the rows of expert e and
+// b_frag(e, k0, b) the B registers of expert e: b[2 nt] for k rows k0 + 0..7, b[2 nt + 1] for
+// k0 + 8..15 (zero past R).
+template <typename Frags, typename BFrag>
 __device__ __forceinline__ void masked_mma(const WarpRows& w, const Frags& frags, int R,
                                            BFrag&& b_frag, float (&acc)[kMmaStep / 8][4]) {
   for_each_expert(w, [&](int e) {
     for (int k0 = 0; k0 < (Frags::kOneChunk ? 1 : R); k0 += 16) {
-      uint32_t a[TERMS][4], b[4];
+      uint32_t a[4], b[4];
       frags(w, e, k0, a);
       b_frag(e, k0, b);
 #pragma unroll
-      for (int nt = 0; nt < kMmaStep / 8; ++nt) {
-#pragma unroll
-        for (int t = 0; t < TERMS; ++t) mma_bf16(acc[nt], a[t], b[2 * nt], b[2 * nt + 1]);
-      }
+      for (int nt = 0; nt < kMmaStep / 8; ++nt) mma_bf16(acc[nt], a, b[2 * nt], b[2 * nt + 1]);
     }
   });
 }
 
 // acc[nt] += (Z_masked @ B^T) for the step's n-tiles: the rows of each expert e times the
-// staged B[e, step columns, :]^T (z in hi / lo terms). B's rows are the n index (step column),
+// staged B[e, step columns, :]^T (z rounded to bf16). B's rows are the n index (step column),
 // k (rank) contiguous: ldmatrix matrices (n 0-7, k0 0-7) (n 0-7, k0 8-15) (n 8-15, ..) (..).
 template <typename Frags>
 __device__ __forceinline__ void lora_update(const WarpRows& w, const Frags& z, const bf16* B_s, int R,
                                             float (&acc)[kMmaStep / 8][4]) {
   const int lane = threadIdx.x % kWarpSize, col_stride = R + kPad;
   const bf16* lane_row = B_s + ((lane / 16) * 8 + lane % 8) * col_stride + (lane / 8 % 2) * 8;
-  masked_mma<2>(w, z, R, [&](int e, int k0, uint32_t (&b)[4]) {
+  masked_mma(w, z, R, [&](int e, int k0, uint32_t (&b)[4]) {
     ldmatrix_x4(b, lane_row + e * kMmaStep * col_stride + k0);
     if (k0 + 8 >= R) b[1] = b[3] = 0u;  // (R = 8: k 8..15 is the rows' padding)
   }, acc);
 }
 
 // lora_update of the gate and the up LoRA in one walk over the warp's experts (both present,
-// ranks <= 16: one k-chunk, z in registers): four independent accumulator chains per expert
-// (g and u, two n-tiles each) instead of two walks of two, and one loop's overhead.
+// ranks <= 16: one k-chunk, z in registers): four independent MMAs per expert (g and u, two
+// n-tiles each) instead of two walks of two, and one loop's overhead.
 template <typename Frags>
 __device__ __forceinline__ void lora_update_gu(const WarpRows& w, const Frags& zg, const Frags& zu,
                                                const bf16* Bg_s, const bf16* Bu_s, int Rg, int Ru,
@@ -299,7 +295,7 @@ __device__ __forceinline__ void lora_update_gu(const WarpRows& w, const Frags& z
 #pragma unroll 1
   for (int e = w.e_first; e <= w.e_last; ++e) {
     if (((w.used >> e) & 1u) == 0) continue;
-    uint32_t ag[2][4], au[2][4], bg[4], bu[4];
+    uint32_t ag[4], au[4], bg[4], bu[4];
     zg(w, e, 0, ag);
     zu(w, e, 0, au);
     ldmatrix_x4(bg, g_row + e * g_expert);
@@ -307,27 +303,43 @@ __device__ __forceinline__ void lora_update_gu(const WarpRows& w, const Frags& z
     if (Rg <= 8) bg[1] = bg[3] = 0u;  // (R = 8: k 8..15 is the rows' padding)
     if (Ru <= 8) bu[1] = bu[3] = 0u;
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-#pragma unroll
-      for (int nt = 0; nt < kMmaStep / 8; ++nt) {
-        mma_bf16(dg[nt], ag[t], bg[2 * nt], bg[2 * nt + 1]);
-        mma_bf16(du[nt], au[t], bu[2 * nt], bu[2 * nt + 1]);
-      }
+    for (int nt = 0; nt < kMmaStep / 8; ++nt) {
+      mma_bf16(dg[nt], ag, bg[2 * nt], bg[2 * nt + 1]);
+      mma_bf16(du[nt], au, bu[2 * nt], bu[2 * nt + 1]);
     }
   }
 }
 
-// The per-pair sums over the step's columns of A_cols [rows, 16 step columns] (three split
-// terms, in the accumulator = A layout) times a staged weight: for each expert e the warp uses
-// and each n-tile rb of 8 of its R ranks, sum_col A[row, col] * W(e, r, col), added into
-// acc[half][rb][v] (rank 8 rb + 2 c + v) where the row belongs to e. b_frag(e, rb, b) gives
-// the B registers of n-tiles rb (b[0], b[1]: k = step columns 0..7, 8..15) and rb + 1 (b[2],
-// b[3]).
+// delta_g and delta_u of a step (staged at S): the gate and up LoRAs' updates, in one walk over
+// the warp's experts where both are present and z is in registers (R8 == 2).
+template <int R8, typename Frags>
+__device__ __forceinline__ void lora_deltas(const SwigluInputs& p, const WarpRows& w,
+                                            const Frags& zg, const Frags& zu, const bf16* S,
+                                            const MmaSmem& L, float (&dg)[kMmaStep / 8][4],
+                                            float (&du)[kMmaStep / 8][4]) {
+  const int Rg = static_cast<int>(p.Rg), Ru = static_cast<int>(p.Ru);
+  if constexpr (R8 == 2) {
+    if (p.Bg != nullptr && p.Bu != nullptr) {
+      lora_update_gu(w, zg, zu, S + L.bg, S + L.bu, Rg, Ru, dg, du);
+      return;
+    }
+  }
+  if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, Rg, dg);
+  if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, Ru, du);
+}
+
+// The per-pair sums over the step's columns of A_cols [rows, 16 step columns] (bf16, in the
+// accumulator = A layout) times a staged weight, accumulated in acc: for each expert e the warp
+// uses, A masked to the rows of e times W(e) for each n-tile rb of 8 of its R ranks, so that
+// acc[half][rb][v] (rank 8 rb + 2 c + v; the MMA accumulator layout, rows row[half]) sums
+// A[row, col] * W(e(row), r, col). b_frag(e, rb, b) gives the B registers of n-tiles rb
+// (b[0], b[1]: k = step columns 0..7, 8..15) and rb + 1 (b[2], b[3]).
 template <int R8, typename BFrag>
-__device__ __forceinline__ void pair_sums(const WarpRows& w, const uint32_t (&a_hi)[4],
-                                          const uint32_t (&a_mid)[4], const uint32_t (&a_lo)[4],
-                                          int R, BFrag&& b_frag, float (&acc)[2][R8][2]) {
+__device__ __forceinline__ void pair_sums(const WarpRows& w, const uint32_t (&a)[4], int R,
+                                          BFrag&& b_frag, float (&acc)[2][R8][2]) {
   for_each_expert(w, [&](int e) {
+    uint32_t am[4];
+    mask_rows(w, e, a, am);
 #pragma unroll
     for (int rb = 0; rb < R8; rb += 2) {
       if (rb * 8 >= R) break;
@@ -336,51 +348,46 @@ __device__ __forceinline__ void pair_sums(const WarpRows& w, const uint32_t (&a_
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         if ((rb + j) * 8 >= R) break;
-        float cz[4] = {0.f, 0.f, 0.f, 0.f};
-        mma_bf16(cz, a_hi, b[2 * j], b[2 * j + 1]);
-        mma_bf16(cz, a_mid, b[2 * j], b[2 * j + 1]);
-        mma_bf16(cz, a_lo, b[2 * j], b[2 * j + 1]);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          if (w.expert[half] == e) {
-            acc[half][rb + j][0] += cz[2 * half];
-            acc[half][rb + j][1] += cz[2 * half + 1];
-          }
-        }
+        float cz[4] = {acc[0][rb + j][0], acc[0][rb + j][1], acc[1][rb + j][0], acc[1][rb + j][1]};
+        mma_bf16(cz, am, b[2 * j], b[2 * j + 1]);
+        acc[0][rb + j][0] = cz[0];
+        acc[0][rb + j][1] = cz[1];
+        acc[1][rb + j][0] = cz[2];
+        acc[1][rb + j][1] = cz[3];
       }
     }
   });
 }
 
-// pair_sums for ranks <= 16 (R8 == 2) with both n-tiles of 8 ranks at once: two independent
-// MMA chains per expert instead of one after the other (ranks past R read clamped rows or the
-// rows' padding; their sums are never stored).
+// pair_sums for ranks <= 16 (R8 == 2): both n-tiles of 8 ranks from one ldmatrix, two
+// independent MMAs per expert (ranks past R read clamped rows or the rows' padding; their sums
+// are never stored).
 template <typename BFrag>
-__device__ __forceinline__ void pair_sums16(const WarpRows& w, const uint32_t (&a_hi)[4],
-                                            const uint32_t (&a_mid)[4], const uint32_t (&a_lo)[4],
+__device__ __forceinline__ void pair_sums16(const WarpRows& w, const uint32_t (&a)[4],
                                             BFrag&& b_frag, float (&acc)[2][2][2]) {
+  float cz[2][4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    cz[j][0] = acc[0][j][0];
+    cz[j][1] = acc[0][j][1];
+    cz[j][2] = acc[1][j][0];
+    cz[j][3] = acc[1][j][1];
+  }
 #pragma unroll 1
   for (int e = w.e_first; e <= w.e_last; ++e) {
     if (((w.used >> e) & 1u) == 0) continue;
-    uint32_t b[4];
+    uint32_t b[4], am[4];
     b_frag(e, 0, b);
-    float cz[2][4] = {};
+    mask_rows(w, e, a, am);
 #pragma unroll
-    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], a_hi, b[2 * j], b[2 * j + 1]);
+    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], am, b[2 * j], b[2 * j + 1]);
+  }
 #pragma unroll
-    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], a_mid, b[2 * j], b[2 * j + 1]);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) mma_bf16(cz[j], a_lo, b[2 * j], b[2 * j + 1]);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      if (w.expert[half] == e) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          acc[half][j][0] += cz[j][2 * half];
-          acc[half][j][1] += cz[j][2 * half + 1];
-        }
-      }
-    }
+  for (int j = 0; j < 2; ++j) {
+    acc[0][j][0] = cz[j][0];
+    acc[0][j][1] = cz[j][1];
+    acc[1][j][0] = cz[j][2];
+    acc[1][j][1] = cz[j][3];
   }
 }
 
@@ -552,8 +559,8 @@ __device__ __forceinline__ const bf16* begin_step(const MmaSmem& L, unsigned cha
 }
 
 // What both kernels set up once per block: the pairs' experts and weights, their counting sort
-// by expert into rows, z of the gate and up LoRAs split into hi / lo words by row, and the
-// thread's WarpRows.
+// by expert into rows, z of the gate and up LoRAs as bf16 words by row (ranks above 16), and
+// the thread's WarpRows.
 struct BlockRows {
   int64_t t0, q0;
   int tokens, rows;
@@ -561,12 +568,14 @@ struct BlockRows {
   int tok[2];            // the fragment row's token in the block
   int64_t drop_base[2];  // its dropout index base q * I
   float weight[2];       // its routing weight
+  int slot[2];           // its row of the row buffers: its pair; rows past the pairs their own
+                         // row (>= the block's pairs: the combine never reads it)
 };
 
 __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t tokens_per_block,
-                                                 int32_t* ids_s, float* weights_s, int32_t* perm_s,
-                                                 bool z_smem, uint32_t* zg_hi, uint32_t* zg_lo,
-                                                 uint32_t* zu_hi, uint32_t* zu_lo) {
+                                                 int16_t* ids_s, float* weights_s, int16_t* perm_s,
+                                                 bool z_smem, uint32_t* zg_words,
+                                                 uint32_t* zu_words) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4;
   const int k = static_cast<int>(p.k);
   BlockRows b;
@@ -576,7 +585,9 @@ __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t 
   b.q0 = b.t0 * p.k;
   const float* weights = static_cast<const float*>(p.weights);
   for (int r = threadIdx.x; r < kMmaRows; r += kMmaThreads) {
-    ids_s[r] = r < b.rows ? p.ids[b.q0 + r] : -1;
+    const int32_t id = r < b.rows ? p.ids[b.q0 + r] : -1;
+    assert(id < p.E);  // (then it fits int16: E <= kMmaMaxExperts)
+    ids_s[r] = static_cast<int16_t>(id);
     weights_s[r] = r < b.rows ? weights[b.q0 + r] : 0.f;
   }
   __syncthreads();
@@ -596,16 +607,15 @@ __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t 
     }
   }
   __syncthreads();
-  for (int pass = 0; pass < 2 && z_smem; ++pass) {  // zg, zu split into hi / lo by sorted row
+  for (int pass = 0; pass < 2 && z_smem; ++pass) {  // zg, zu as bf16 words by sorted row
     const float* z = static_cast<const float*>(pass == 0 ? p.zg : p.zu);
     const int R = static_cast<int>(pass == 0 ? p.Rg : p.Ru);
     if ((pass == 0 ? p.Bg : p.Bu) == nullptr) continue;
-    uint32_t* hi = pass == 0 ? zg_hi : zu_hi;
-    uint32_t* lo = pass == 0 ? zg_lo : zu_lo;
+    uint32_t* words = pass == 0 ? zg_words : zu_words;
     for (int i = threadIdx.x; i < b.rows * (R / 2); i += kMmaThreads) {
       const int row = i / (R / 2), kp = i % (R / 2);
       const float* src = z + (b.q0 + perm_s[row]) * R + 2 * kp;
-      split_bf16x2(src[0], src[1], hi[i], lo[i]);
+      words[i] = pack_bf16x2(__floats2bfloat162_rn(src[0], src[1]));
     }
   }
 
@@ -616,13 +626,13 @@ __device__ __forceinline__ BlockRows setup_block(const SwigluInputs& p, int64_t 
     b.w.pair[half] = perm_s[b.w.row[half]];
     const int pair = max(b.w.pair[half], 0);  // (rows past the pairs compute nothing)
     const int e = b.w.pair[half] >= 0 ? ids_s[pair] : -1;
-    assert(e < p.E);
     b.w.expert[half] = e;
     if (e >= 0 && e < 32) used_lo |= 1u << e;
     if (e >= 32) used_hi |= 1u << (e - 32);
     b.tok[half] = pair / k;
     b.drop_base[half] = (b.q0 + pair) * p.I;
     b.weight[half] = weights_s[pair];
+    b.slot[half] = b.w.pair[half] >= 0 ? b.w.pair[half] : b.w.row[half];
   }
   b.w.used = (uint64_t(warp_or(used_hi)) << 32) | warp_or(used_lo);
   b.w.e_first = b.w.used == 0 ? 0 : __ffsll(static_cast<long long>(b.w.used)) - 1;
@@ -682,16 +692,14 @@ __global__ void __launch_bounds__(kMmaThreads)
     moe_swiglu_mma_kernel(MoeSwigluParams p, MmaSmem L, int64_t tokens_per_block,
                           int64_t block_cols, float* zd_tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int32_t ids_s[kMmaRows];      // by block pair
+  __shared__ int16_t ids_s[kMmaRows];      // by block pair
   __shared__ float weights_s[kMmaRows];    // by block pair
-  __shared__ int32_t perm_s[kMmaRows];     // sorted row -> block pair (-1 past the pairs)
+  __shared__ int16_t perm_s[kMmaRows];     // sorted row -> block pair (-1 past the pairs)
   const int lane = threadIdx.x % kWarpSize, c = lane % 4;
   // Two row buffers [kMmaRows, kWhStride]: w * h by pair, of even and odd steps.
   auto wh = [&](int st) { return reinterpret_cast<float*>(smem) + st * kMmaRows * kWhStride; };
-  uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);  // [kMmaRows, Rg / 2] (sorted rows)
-  uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
-  uint32_t* zu_hi = zg_lo + kMmaRows * (p.Rg / 2);            // [kMmaRows, Ru / 2]
-  uint32_t* zu_lo = zu_hi + kMmaRows * (p.Ru / 2);
+  uint32_t* zg_words = reinterpret_cast<uint32_t*>(smem + L.z);  // [kMmaRows, Rg / 2] (sorted rows)
+  uint32_t* zu_words = zg_words + kMmaRows * (p.Rg / 2);         // [kMmaRows, Ru / 2]
   bf16* first_stage = reinterpret_cast<bf16*>(smem + L.stage);  // (begin_step has the rest)
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
@@ -709,19 +717,17 @@ __global__ void __launch_bounds__(kMmaThreads)
   };
   issue(first_stage, col_begin);  // flies meanwhile
   cp_async_commit();
-  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
-                                  zg_lo, zu_hi, zu_lo);
+  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_words,
+                                  zu_words);
   const WarpRows& w = b.w;
   if constexpr (R8 != 2) __syncthreads();  // the z words of every row
   const auto zg = z_frags<R8 == 2>(w, static_cast<const float*>(p.zg), b.q0,
-                                   SmemFrags<2>{{zg_hi, zg_lo}, static_cast<int>(p.Rg)});
+                                   SmemFrags{zg_words, static_cast<int>(p.Rg)});
   const auto zu = z_frags<R8 == 2>(w, static_cast<const float*>(p.zu), b.q0,
-                                   SmemFrags<2>{{zu_hi, zu_lo}, static_cast<int>(p.Ru)});
+                                   SmemFrags{zu_words, static_cast<int>(p.Ru)});
 
   const float s = static_cast<float>(p.scale);
   const DropoutScale<float> drop(p.dropout_p, p.key);
-  // The row-buffer row of each fragment row (its pair; rows past the pairs their own row).
-  const int slot[2] = {w.pair[0] >= 0 ? w.pair[0] : w.row[0], w.pair[1] >= 0 ? w.pair[1] : w.row[1]};
   float zacc[2][R8][2] = {};  // zd[pair[half], 8 rb + 2 c + v] over this block's columns
   int st = 0;
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
@@ -733,23 +739,12 @@ __global__ void __launch_bounds__(kMmaThreads)
     float* wh_st = wh(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {};  // delta_g, delta_u
-    if constexpr (R8 == 2) {
-      if (p.Bg != nullptr && p.Bu != nullptr) {
-        lora_update_gu(w, zg, zu, S + L.bg, S + L.bu, static_cast<int>(p.Rg),
-                       static_cast<int>(p.Ru), dgl, dul);
-      } else {
-        if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
-        if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
-      }
-    } else {
-      if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
-      if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
-    }
+    lora_deltas<R8>(p, w, zg, zu, S, L, dgl, dul);
 
     // g, u, h at the accumulator positions (rows row[half], step columns 8 nt + 2 c + v);
     // drop(h) straight into the zd MMA's A fragment (regs: (row0, k) (row1, k) (row0, k + 8)
     // (row1, k + 8), k = 2 c: n-tile 0 is k 0..7, n-tile 1 is k 8..15).
-    uint32_t h_hi[4], h_mid[4], h_lo[4];
+    uint32_t hb[4];
 #pragma unroll
     for (int nt = 0; nt < kMmaStep / 8; ++nt) {
       const int col = nt * 8 + 2 * c;
@@ -758,7 +753,7 @@ __global__ void __launch_bounds__(kMmaThreads)
         float h[2] = {0.f, 0.f}, hd[2] = {0.f, 0.f};
         if constexpr (!DROP) {
           // Without dropout, no branch: a row past the block's pairs reads token 0 and writes
-          // its own row of the buffer (slot[half]: rows >= the block's pairs, which
+          // its own row of the buffer (b.slot[half]: rows >= the block's pairs, which
           // combine_pairs never reads; its zd rows are discarded), and columns past col_end
           // were staged as zeros (G = U = 0, B = 0), so h = act(0) * 0 = 0 there.
           const int at = b.tok[half] * kColStride + col;
@@ -771,7 +766,7 @@ __global__ void __launch_bounds__(kMmaThreads)
             const float uv = p.Bu != nullptr ? Us[v] + s * dul[nt][2 * half + v] : Us[v];
             h[v] = hd[v] = activation_at<ACT>(p.activation, gv).a * uv;
           }
-          *reinterpret_cast<float2*>(wh_st + slot[half] * kWhStride + col) =
+          *reinterpret_cast<float2*>(wh_st + b.slot[half] * kWhStride + col) =
               make_float2(b.weight[half] * h[0], b.weight[half] * h[1]);
         } else if (w.pair[half] >= 0 && c0 + col < col_end) {  // I % 8 == 0: col + 1 is inside too
           const int at = b.tok[half] * kColStride + col;
@@ -788,7 +783,7 @@ __global__ void __launch_bounds__(kMmaThreads)
           *reinterpret_cast<float2*>(wh_st + w.pair[half] * kWhStride + col) =
               make_float2(b.weight[half] * h[0], b.weight[half] * h[1]);
         }
-        split3_bf16x2(hd[0], hd[1], h_hi[nt * 2 + half], h_mid[nt * 2 + half], h_lo[nt * 2 + half]);
+        hb[nt * 2 + half] = pack_bf16x2(__floats2bfloat162_rn(hd[0], hd[1]));
       }
     }
     // zd: Ad [E, Rd, step columns] staged: rows (e, rank) = the n index, k (step column)
@@ -800,9 +795,9 @@ __global__ void __launch_bounds__(kMmaThreads)
         ldmatrix_x4(bf, S + L.ad + (e * Rd + n) * kColStride + (lane / 8 % 2) * 8);
       };
       if constexpr (R8 == 2) {
-        pair_sums16(w, h_hi, h_mid, h_lo, ad_frag, zacc);
+        pair_sums16(w, hb, ad_frag, zacc);
       } else {
-        pair_sums<R8>(w, h_hi, h_mid, h_lo, Rd, ad_frag, zacc);
+        pair_sums<R8>(w, hb, Rd, ad_frag, zacc);
       }
     }
   }
@@ -834,10 +829,11 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 // Backward pass 1 (dG, dU, dweights, dzg, dzu) on tensor cores, laid out as the forward:
 // per step the recompute of g, u (MMAs as in the forward), ad_gz = (grad_zd_masked @ Ad)
-// [rows, step columns] (grad_zd split into three bf16 terms), dh, dg, du in the accumulator
-// layout, dG and dU through shared memory for the combine over j, and the per-pair sums over
-// the block's columns: dweights (each thread its own, then its quad in a fixed butterfly) and
-// dzg / s, dzu / s (MMAs of dg, du, split into three terms, with the staged Bg, Bu). The sums
+// [rows, step columns] (grad_zd rounded to bf16), dh, dg, du in the accumulator layout, dG and
+// dU through shared memory for the combine over j, and the per-pair sums over the block's
+// columns: dweights (each thread its own, then its quad in a fixed butterfly) and dzg / s,
+// dzu / s (MMAs of dg, du rounded to bf16, with the staged Bg, Bu, accumulated in the MMAs'
+// fp32 accumulators). The sums
 // go to sums: [gridDim.y column tiles, N, 1 + Rg + Ru] partials, or with one column tile
 // straight to the outputs (scaled). R8: ranks up to 8 * R8 (Rg, Ru, Rd; rank blocks of 8 per
 // thread for dzg and dzu); with R8 == 2, z stays in registers (RegFrags). ACT: as in the forward.
@@ -849,22 +845,18 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     moe_swiglu_bwd_mma_kernel(MoeSwigluBackwardParams p, MmaSmem L, int64_t tokens_per_block,
                               int64_t block_cols, float* sums) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ int32_t ids_s[kMmaRows];
+  __shared__ int16_t ids_s[kMmaRows];
   __shared__ float weights_s[kMmaRows];
-  __shared__ int32_t perm_s[kMmaRows];
+  __shared__ int16_t perm_s[kMmaRows];
   const int lane = threadIdx.x % kWarpSize, c = lane % 4;
   const bool has_gzd = p.grad_zd != nullptr && p.Ad != nullptr;
   const int Rd = has_gzd ? static_cast<int>(p.Rd) : 0;
   // Row buffers [kMmaRows, kWhStride] by pair: dg and du of even and odd steps.
   auto dg_buf = [&](int st) { return reinterpret_cast<float*>(smem) + 2 * st * kMmaRows * kWhStride; };
   auto du_buf = [&](int st) { return dg_buf(st) + kMmaRows * kWhStride; };
-  uint32_t* zg_hi = reinterpret_cast<uint32_t*>(smem + L.z);
-  uint32_t* zg_lo = zg_hi + kMmaRows * (p.Rg / 2);
-  uint32_t* zu_hi = zg_lo + kMmaRows * (p.Rg / 2);
-  uint32_t* zu_lo = zu_hi + kMmaRows * (p.Ru / 2);
-  uint32_t* gz_hi = reinterpret_cast<uint32_t*>(smem + L.gz);  // [kMmaRows, Rd / 2] by sorted row
-  uint32_t* gz_mid = gz_hi + kMmaRows * (p.Rd / 2);
-  uint32_t* gz_lo = gz_mid + kMmaRows * (p.Rd / 2);
+  uint32_t* zg_words = reinterpret_cast<uint32_t*>(smem + L.z);
+  uint32_t* zu_words = zg_words + kMmaRows * (p.Rg / 2);
+  uint32_t* gz_words = reinterpret_cast<uint32_t*>(smem + L.gz);  // [kMmaRows, Rd / 2] by sorted row
   const bf16* grad_hbar = static_cast<const bf16*>(p.grad_hbar);
   bf16* first_stage = reinterpret_cast<bf16*>(smem + L.stage);  // (begin_step has the rest)
   const int64_t t0 = int64_t(blockIdx.x) * tokens_per_block;
@@ -873,29 +865,28 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
   const int64_t col_end = min(p.I, col_begin + block_cols);
   stage_step(p, grad_hbar, L, first_stage, t0, tokens, col_begin, col_end);  // flies meanwhile
   cp_async_commit();
-  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_hi,
-                                  zg_lo, zu_hi, zu_lo);
+  const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_words,
+                                  zu_words);
   const WarpRows& w = b.w;
   const int k = static_cast<int>(p.k);
-  if (has_gzd) {  // grad_zd split into hi / mid / lo by sorted row
+  if (has_gzd) {  // grad_zd as bf16 words by sorted row
     const float* gzd = static_cast<const float*>(p.grad_zd);
     for (int i = threadIdx.x; i < b.rows * (Rd / 2); i += kMmaThreads) {
       const int row = i / (Rd / 2), kp = i % (Rd / 2);
       const float* src = gzd + (b.q0 + perm_s[row]) * Rd + 2 * kp;
-      split3_bf16x2(src[0], src[1], gz_hi[i], gz_mid[i], gz_lo[i]);
+      gz_words[i] = pack_bf16x2(__floats2bfloat162_rn(src[0], src[1]));
     }
   }
   __syncthreads();  // the z and grad_zd words of every row
   const auto zg = z_frags<R8 == 2>(w, static_cast<const float*>(p.zg), b.q0,
-                                   SmemFrags<2>{{zg_hi, zg_lo}, static_cast<int>(p.Rg)});
+                                   SmemFrags{zg_words, static_cast<int>(p.Rg)});
   const auto zu = z_frags<R8 == 2>(w, static_cast<const float*>(p.zu), b.q0,
-                                   SmemFrags<2>{{zu_hi, zu_lo}, static_cast<int>(p.Ru)});
-  // (grad_zd's three terms stay in shared memory: in registers too, the kernel spilled.)
-  const SmemFrags<3> gz{{gz_hi, gz_mid, gz_lo}, Rd};
+                                   SmemFrags{zu_words, static_cast<int>(p.Ru)});
+  // (grad_zd's words stay in shared memory: in registers too, the kernel spilled.)
+  const SmemFrags gz{gz_words, Rd};
 
   const float s = static_cast<float>(p.scale);
   const DropoutScale<float> drop(p.dropout_p, p.key);
-  const int slot[2] = {w.pair[0] >= 0 ? w.pair[0] : w.row[0], w.pair[1] >= 0 ? w.pair[1] : w.row[1]};
   float dw[2] = {0.f, 0.f};         // dweights[pair[half]] over this thread's columns
   float zg_acc[2][R8][2] = {};      // dzg / s and dzu / s [pair[half], 8 rb + 2 c + v]
   float zu_acc[2][R8][2] = {};
@@ -916,22 +907,11 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     float* du_st = du_buf(st);
 
     float dgl[kMmaStep / 8][4] = {}, dul[kMmaStep / 8][4] = {}, adz[kMmaStep / 8][4] = {};
-    if constexpr (R8 == 2) {
-      if (p.Bg != nullptr && p.Bu != nullptr) {
-        lora_update_gu(w, zg, zu, S + L.bg, S + L.bu, static_cast<int>(p.Rg),
-                       static_cast<int>(p.Ru), dgl, dul);
-      } else {
-        if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
-        if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
-      }
-    } else {
-      if (p.Bg != nullptr) lora_update(w, zg, S + L.bg, static_cast<int>(p.Rg), dgl);
-      if (p.Bu != nullptr) lora_update(w, zu, S + L.bu, static_cast<int>(p.Ru), dul);
-    }
+    lora_deltas<R8>(p, w, zg, zu, S, L, dgl, dul);
     if (has_gzd) {  // adz[row, col] = sum_r grad_zd[row, r] * Ad[e(row), r, col]
       // Ad staged [E, Rd, step columns]: k (rank) rows, n (column) contiguous, so transposed
       // ldmatrix: matrices (k0 + 0..7, n 0-7) (k0 + 8..15, n 0-7) (.., n 8-15) (..).
-      masked_mma<3>(w, gz, Rd, [&](int e, int k0, uint32_t (&bf)[4]) {
+      masked_mma(w, gz, Rd, [&](int e, int k0, uint32_t (&bf)[4]) {
         const int kr = min(k0 + (lane / 8 % 2) * 8 + lane % 8, Rd - 1);  // (zeroed below)
         ldmatrix_x4<true>(bf, S + L.ad + (e * Rd + kr) * kColStride + (lane / 16) * 8);
         if (k0 + 2 * c >= Rd) bf[0] = bf[2] = 0u;
@@ -939,9 +919,9 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
       }, adz);
     }
 
-    // dh, dg, du at the accumulator positions; dg, du to the row buffers and, split, to the
-    // A fragments of the dzg / dzu MMAs.
-    uint32_t g_hi[4], g_mid[4], g_lo[4], u_hi[4], u_mid[4], u_lo[4];
+    // dh, dg, du at the accumulator positions; dg, du to the row buffers and, rounded to bf16,
+    // to the A fragments of the dzg / dzu MMAs.
+    uint32_t gb[4], ub[4];
 #pragma unroll
     for (int nt = 0; nt < kMmaStep / 8; ++nt) {
       const int col = nt * 8 + 2 * c;
@@ -974,12 +954,12 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
             dgv[v] = dh * uv * act.da;  // (swiglu_point_grad)
             duv[v] = dh * act.a;
           }
-          const int row = DROP ? w.pair[half] : slot[half];
+          const int row = DROP ? w.pair[half] : b.slot[half];
           *reinterpret_cast<float2*>(dg_st + row * kWhStride + col) = make_float2(dgv[0], dgv[1]);
           *reinterpret_cast<float2*>(du_st + row * kWhStride + col) = make_float2(duv[0], duv[1]);
         }
-        split3_bf16x2(dgv[0], dgv[1], g_hi[nt * 2 + half], g_mid[nt * 2 + half], g_lo[nt * 2 + half]);
-        split3_bf16x2(duv[0], duv[1], u_hi[nt * 2 + half], u_mid[nt * 2 + half], u_lo[nt * 2 + half]);
+        gb[nt * 2 + half] = pack_bf16x2(__floats2bfloat162_rn(dgv[0], dgv[1]));
+        ub[nt * 2 + half] = pack_bf16x2(__floats2bfloat162_rn(duv[0], duv[1]));
       }
     }
     // dzg / s, dzu / s: Bg, Bu staged as [E, step columns, R + kPad]: k (column) rows, n (rank)
@@ -994,17 +974,17 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
     if (p.Bg != nullptr) {
       const int Rg = static_cast<int>(p.Rg);
       if constexpr (R8 == 2) {
-        pair_sums16(w, g_hi, g_mid, g_lo, weight_frag(S + L.bg, Rg), zg_acc);
+        pair_sums16(w, gb, weight_frag(S + L.bg, Rg), zg_acc);
       } else {
-        pair_sums<R8>(w, g_hi, g_mid, g_lo, Rg, weight_frag(S + L.bg, Rg), zg_acc);
+        pair_sums<R8>(w, gb, Rg, weight_frag(S + L.bg, Rg), zg_acc);
       }
     }
     if (p.Bu != nullptr) {
       const int Ru = static_cast<int>(p.Ru);
       if constexpr (R8 == 2) {
-        pair_sums16(w, u_hi, u_mid, u_lo, weight_frag(S + L.bu, Ru), zu_acc);
+        pair_sums16(w, ub, weight_frag(S + L.bu, Ru), zu_acc);
       } else {
-        pair_sums<R8>(w, u_hi, u_mid, u_lo, Ru, weight_frag(S + L.bu, Ru), zu_acc);
+        pair_sums<R8>(w, ub, Ru, weight_frag(S + L.bu, Ru), zu_acc);
       }
     }
   }
@@ -1081,7 +1061,7 @@ bool mma_backward_supported(const MoeSwigluBackwardParams& p) {
   as_forward.hbar = p.dG;  // (dG, dU, grad_hbar: stored and staged like hbar, G, U)
   if (!mma_forward_supported(as_forward)) return false;
   if (!aligned16(p.dU) || !aligned16(p.grad_hbar)) return false;
-  if (p.Rd % 2 != 0) return false;  // grad_zd split in rank pairs
+  if (p.Rd % 2 != 0) return false;  // grad_zd as words of rank pairs
   return mma_layout(p, true).stages > 0;
 }
 

@@ -19,14 +19,16 @@
 // row g of a warp is column 2g of its 16, row g + 8 column 2g + 1: a thread's two columns are
 // adjacent, so G, U, grad_hbar come as bf16 pairs (one 32-bit load) and dAd is stored likewise.
 //
-// Precision: z and grad_zd are fp32. A small kernel (wgrad_split_z_kernel) splits them once, in
-// `order`'s (sorted) positions, into bf16 terms in the workspace: zg, zu into hi + lo, grad_zd
-// into hi + mid + lo (rows already padded as shared memory holds them, so a chunk's z is one
-// contiguous copy), with each position's pair, token and routing weight. The recompute uses
-// every term (the weights are bf16, exact in the MMA); the gradients split dg, du, m h into
-// hi (truncated) + lo (the rounded rest) and take hi x hi + lo x hi + hi x lo of each product
-// (z's lo = grad_zd's mid there): ~16 bits per product, far below the bf16 rounding of the
-// outputs.
+// Precision: the forward's rank-r operands are bf16 (docs/design.md): z rounded, m h rounded,
+// and pass 1 rounds grad_zd for its Ad^T @ grad_zd. A small kernel (wgrad_split_z_kernel)
+// writes them once, in `order`'s (sorted) positions, as bf16 terms in the workspace: zg, zu
+// rounded, grad_zd rounded (hi) and its rounded rest (lo) (rows already padded as shared
+// memory holds them, so a chunk's z is one contiguous copy), with each position's pair, token
+// and routing weight. The recompute takes zg, zu and grad_zd's hi, as the forward and pass 1
+// do; the gradients split dg, du into hi (truncated) + lo (the rounded rest) and take
+// hi x z + lo x z, and dAd takes (m h) x hi + (m h) x lo: ~16 bits of the fp32 factor, far
+// below the bf16 rounding of the outputs (before v12 z and m h were split too, and grad_zd
+// into three terms: bench/NOTES.md v12).
 //
 // Block (expert e, pair split, column tile of kWgCols): kWgWarps warps, warp w owns columns
 // 16w .. 16w + 15 of the tile and all ranks; the block walks its share of e's pairs (sorted
@@ -36,11 +38,11 @@
 // takes the chunk's pairs 16 at a time (one k-step of the gradient MMAs). blockIdx.x runs over
 // the experts fastest, so the k blocks that read a token's rows run at about the same time
 // (their pairs are sorted by token) and share them in L2. 4 warps; ranks padded to 16 * R16,
-// R16 = 1 .. 4 (ranks <= 64): R16 = 1 up to 128 registers, 49.7 KB of shared memory, 4 blocks
+// R16 = 1 .. 4 (ranks <= 64): R16 = 1 up to 128 registers, 41.5 KB of shared memory, 4 blocks
 // per SM; R16 = 2 up to 168 registers, 3 blocks; R16 = 3, 4 (accumulators 24 R16 and weight
-// fragments 12 R16 registers a thread) up to 255 registers (~210 and ~245 used, no spills),
-// 78 KB and 93 KB: 2 blocks per SM, each block still computing all ranks (no rank tiles: the
-// recompute needs every rank, and shared memory allows no third block anyway).
+// fragments 12 R16 registers a thread) up to 255 registers (~200 and ~240 used, no spills),
+// 58 KB and 66 KB: 2 blocks per SM (registers), each block still computing all ranks (no rank
+// tiles: the recompute needs every rank).
 //
 // Summation order: each (e, column, rank) sum belongs to one thread of one warp: MMAs over the
 // split's pairs in chunk order, 16 pairs per MMA (the hardware's order inside, fixed). Splits
@@ -62,23 +64,25 @@ constexpr int kWgThreads = kWgWarps * kWarpSize;
 constexpr int kWgCols = 16 * kWgWarps;     // columns of a block (16 per warp: one MMA m-tile)
 constexpr int kWgChunk = 32;               // pairs per staged chunk
 constexpr int kWgColStride = kWgCols + 8;  // staged row stride (bf16): conflict-free 32-bit loads
-constexpr int kWgTerms = 7;                // zg hi, lo; zu hi, lo; grad_zd hi, mid, lo
+constexpr int kWgTerms = 4;                // zg, zu, grad_zd hi, grad_zd lo
 constexpr int kWgMaxRank = 64;
 constexpr int kWgMaxSplits = 8;
 constexpr int kWgTargetBlocks = 1024;      // blocks the pair splits aim for (shapes only)
 constexpr int kWgSplitThreads = 256;
-enum : int { kZgHi = 0, kZgLo, kZuHi, kZuLo, kGzHi, kGzMid, kGzLo };
+enum : int { kZg = 0, kZu, kGzHi, kGzLo };
 
-// R16: ranks padded to 16 * R16 (the MMA's k-step). A position's z row: [kWgTerms, RS] bf16,
-// RS = padded ranks + 8 (ranks past R zero): with rows of kWgTerms * RS bf16 (336, 560, 784 or
-// 1008 bytes) the 8 rows of an ldmatrix tile hit distinct banks. Shared memory per stage: z
-// [kWgChunk, kWgTerms, RS]; G, U, grad_hbar [3, kWgChunk, kWgColStride]; the chunk's pairs q
-// [kWgChunk] (int32, -1 past the split's end) and their routing weights [kWgChunk].
+// R16: ranks padded to 16 * R16 (the MMA's k-step). A position's z row: [kWgTerms, RS] bf16
+// and 8 more, RS = padded ranks + 8 (ranks past R and the row's last 8 zero): with rows of
+// kWgTerms * RS + 8 bf16 (208, 336, 464 or 592 bytes: 16 x an odd number mod 128) the 8 rows
+// of an ldmatrix tile hit distinct banks. Shared memory per stage: z [kWgChunk, kZRow]; G, U,
+// grad_hbar [3, kWgChunk, kWgColStride]; the chunk's pairs q [kWgChunk] (int32, -1 past the
+// split's end) and their routing weights [kWgChunk].
 template <int R16>
 struct WgLayout {
   static constexpr int RP = 16 * R16;
   static constexpr int RS = RP + 8;
-  static constexpr int kZRow = kWgTerms * RS;  // bf16 per position
+  static constexpr int kZRow = kWgTerms * RS + 8;  // bf16 per position
+  static_assert((kZRow * 2 / 16) % 2 == 1, "conflict-free ldmatrix rows");
   static constexpr int kZBytes = kWgChunk * kZRow * 2;
   static constexpr int kRowBytes = 3 * kWgChunk * kWgColStride * 2;
   static constexpr int kStageBytes = kZBytes + kRowBytes + kWgChunk * 8;
@@ -87,6 +91,7 @@ struct WgLayout {
 };
 
 int wgrad_rs(int r16) { return 16 * r16 + 8; }
+int wgrad_zrow(int r16) { return kWgTerms * wgrad_rs(r16) + 8; }
 
 // Two bf16 as one MMA operand word (lo in the low half): pack_bf16x2 of the pair.
 __device__ __forceinline__ uint32_t pack2(bf16 lo, bf16 hi) {
@@ -111,9 +116,9 @@ __host__ __device__ __forceinline__ WgFlags wgrad_flags(const MoeSwigluBackwardP
           p.grad_zd != nullptr && p.Ad != nullptr && p.Rd > 0};
 }
 
-// zs[pos] = the bf16 terms of pair q = order[pos]'s zg, zu, grad_zd ([kWgTerms, RS], zero past
-// the rank and for absent ones), meta[pos] = (q, q / k, bits of weights[q], 0). One thread per
-// (pos, rank pair).
+// zs[pos] = the bf16 terms of pair q = order[pos]'s zg, zu, grad_zd ([kWgTerms, RS] and 8
+// zeros, zero past the rank and for absent ones), meta[pos] = (q, q / k, bits of weights[q],
+// 0). One thread per (pos, rank pair).
 template <int RS>
 __global__ void __launch_bounds__(kWgSplitThreads)
     wgrad_split_z_kernel(MoeSwigluBackwardParams p, bf16* zs, int4* meta) {
@@ -124,7 +129,7 @@ __global__ void __launch_bounds__(kWgSplitThreads)
   const int j = static_cast<int>(idx % (RS / 2)), r = 2 * j;
   const int64_t q = p.order[pos];
   const WgFlags has = wgrad_flags(p);
-  uint32_t* row = reinterpret_cast<uint32_t*>(zs + pos * kWgTerms * RS) + j;
+  uint32_t* row = reinterpret_cast<uint32_t*>(zs + pos * (kWgTerms * RS + 8)) + j;
   auto two = [&](bool present, const void* src, int64_t R, float& a, float& b) {
     const float* z = static_cast<const float*>(src) + q * R;
     a = present && r < R ? z[r] : 0.f;
@@ -132,11 +137,12 @@ __global__ void __launch_bounds__(kWgSplitThreads)
   };
   float a, b;
   two(has.g, p.zg, p.Rg, a, b);
-  split_bf16x2(a, b, row[kZgHi * RS / 2], row[kZgLo * RS / 2]);
+  row[kZg * RS / 2] = pack_bf16x2(__floats2bfloat162_rn(a, b));
   two(has.u, p.zu, p.Ru, a, b);
-  split_bf16x2(a, b, row[kZuHi * RS / 2], row[kZuLo * RS / 2]);
+  row[kZu * RS / 2] = pack_bf16x2(__floats2bfloat162_rn(a, b));
   two(has.gzd, p.grad_zd, p.Rd, a, b);
-  split3_bf16x2(a, b, row[kGzHi * RS / 2], row[kGzMid * RS / 2], row[kGzLo * RS / 2]);
+  split_bf16x2(a, b, row[kGzHi * RS / 2], row[kGzLo * RS / 2]);
+  if (j < 4) row[kWgTerms * RS / 2] = 0u;  // the row's last 8 bf16 (RS / 2 >= 12 > j)
   if (j == 0) {
     const float w = static_cast<const float*>(p.weights)[q];
     meta[pos] = make_int4(static_cast<int>(q), static_cast<int>(q / p.k), __float_as_int(w), 0);
@@ -287,35 +293,26 @@ __global__ void __launch_bounds__(kWgThreads, R16 == 1 ? 4 : R16 == 2 ? 3 : 2)
       for (int kc = 0; kc < R16; ++kc) {
         uint32_t b[4];
         if (has.g) {
-#pragma unroll
-          for (int term = kZgHi; term <= kZgLo; ++term) {
-            ldmatrix_x4(b, za + (term * RS + kc * 16) * 2);
-            mma_bf16(lg[0], bg_a[kc], b[0], b[1]);
-            mma_bf16(lg[1], bg_a[kc], b[2], b[3]);
-          }
+          ldmatrix_x4(b, za + (kZg * RS + kc * 16) * 2);
+          mma_bf16(lg[0], bg_a[kc], b[0], b[1]);
+          mma_bf16(lg[1], bg_a[kc], b[2], b[3]);
         }
         if (has.u) {
-#pragma unroll
-          for (int term = kZuHi; term <= kZuLo; ++term) {
-            ldmatrix_x4(b, za + (term * RS + kc * 16) * 2);
-            mma_bf16(lu[0], bu_a[kc], b[0], b[1]);
-            mma_bf16(lu[1], bu_a[kc], b[2], b[3]);
-          }
+          ldmatrix_x4(b, za + (kZu * RS + kc * 16) * 2);
+          mma_bf16(lu[0], bu_a[kc], b[0], b[1]);
+          mma_bf16(lu[1], bu_a[kc], b[2], b[3]);
         }
         if (has.gzd) {
-#pragma unroll
-          for (int term = kGzHi; term <= kGzLo; ++term) {
-            ldmatrix_x4(b, za + (term * RS + kc * 16) * 2);
-            mma_bf16(ag[0], ad_a[kc], b[0], b[1]);
-            mma_bf16(ag[1], ad_a[kc], b[2], b[3]);
-          }
+          ldmatrix_x4(b, za + (kGzHi * RS + kc * 16) * 2);
+          mma_bf16(ag[0], ad_a[kc], b[0], b[1]);
+          mma_bf16(ag[1], ad_a[kc], b[2], b[3]);
         }
       }
 
-      // Elementwise: dg, du, m h in the accumulator layout, split into the A fragments of the
-      // gradient MMAs (a0 = (col0; pairs 2c, 2c + 1 of n-tile 0), a1 = (col0 + 1; same),
-      // a2, a3 = the same for n-tile 1).
-      uint32_t dg_hi[4], dg_lo[4], du_hi[4], du_lo[4], mh_hi[4], mh_lo[4];
+      // Elementwise: dg, du (split) and m h (rounded) in the accumulator layout, as the A
+      // fragments of the gradient MMAs (a0 = (col0; pairs 2c, 2c + 1 of n-tile 0), a1 =
+      // (col0 + 1; same), a2, a3 = the same for n-tile 1).
+      uint32_t dg_hi[4], dg_lo[4], du_hi[4], du_lo[4], mh_b[4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int pr = p0 + nt * 8 + 2 * c;  // this thread's pair rows pr, pr + 1
@@ -352,32 +349,32 @@ __global__ void __launch_bounds__(kWgThreads, R16 == 1 ? 4 : R16 == 2 ? 3 : 2)
         split_trunc_bf16x2(dg[2], dg[3], dg_hi[2 * nt + 1], dg_lo[2 * nt + 1]);
         split_trunc_bf16x2(du[0], du[1], du_hi[2 * nt], du_lo[2 * nt]);
         split_trunc_bf16x2(du[2], du[3], du_hi[2 * nt + 1], du_lo[2 * nt + 1]);
-        split_trunc_bf16x2(mh[0], mh[1], mh_hi[2 * nt], mh_lo[2 * nt]);
-        split_trunc_bf16x2(mh[2], mh[3], mh_hi[2 * nt + 1], mh_lo[2 * nt + 1]);
+        mh_b[2 * nt] = pack_bf16x2(__floats2bfloat162_rn(mh[0], mh[1]));
+        mh_b[2 * nt + 1] = pack_bf16x2(__floats2bfloat162_rn(mh[2], mh[3]));
       }
 
       // Gradients: acc[rank n-tile] += X^T [cols, 16 pairs] @ z [16 pairs, 8 ranks].
       // ldmatrix.trans (x4): matrices (pairs 0-7, ranks 0-7), (8-15, 0-7), (0-7, 8-15),
       // (8-15, 8-15) of a 16-rank block = b0, b1 of rank n-tiles 2 rb, 2 rb + 1.
       const uint32_t zb = z_u32 + zb_off + p0 * kZRow * 2;
-      auto grad_mma = [&](float (&acc)[2 * R16][4], const uint32_t (&x_hi)[4],
-                          const uint32_t (&x_lo)[4], int term_hi, int term_lo) {
+      // x_hi x z + x_lo x z (dBg, dBu: one z term), or x x z_hi + x x z_lo (dAd: x = m h,
+      // z = grad_zd's two terms): the same MMAs with the roles of the terms swapped.
+      auto grad_mma = [&](float (&acc)[2 * R16][4], const uint32_t (&x0)[4], const uint32_t (&x1)[4],
+                          int term0, int term1) {
 #pragma unroll
         for (int rb = 0; rb < R16; ++rb) {
-          uint32_t b[4];
-          ldmatrix_x4<true>(b, zb + (term_hi * RS + rb * 16) * 2);
-          mma_bf16(acc[2 * rb], x_hi, b[0], b[1]);
-          mma_bf16(acc[2 * rb], x_lo, b[0], b[1]);
-          mma_bf16(acc[2 * rb + 1], x_hi, b[2], b[3]);
-          mma_bf16(acc[2 * rb + 1], x_lo, b[2], b[3]);
-          ldmatrix_x4<true>(b, zb + (term_lo * RS + rb * 16) * 2);
-          mma_bf16(acc[2 * rb], x_hi, b[0], b[1]);
-          mma_bf16(acc[2 * rb + 1], x_hi, b[2], b[3]);
+          uint32_t b0[4], b1[4];
+          ldmatrix_x4<true>(b0, zb + (term0 * RS + rb * 16) * 2);
+          ldmatrix_x4<true>(b1, zb + (term1 * RS + rb * 16) * 2);
+          mma_bf16(acc[2 * rb], x0, b0[0], b0[1]);
+          mma_bf16(acc[2 * rb + 1], x0, b0[2], b0[3]);
+          mma_bf16(acc[2 * rb], x1, b1[0], b1[1]);
+          mma_bf16(acc[2 * rb + 1], x1, b1[2], b1[3]);
         }
       };
-      if (has.g) grad_mma(acc_g, dg_hi, dg_lo, kZgHi, kZgLo);
-      if (has.u) grad_mma(acc_u, du_hi, du_lo, kZuHi, kZuLo);
-      if (has.gzd) grad_mma(acc_d, mh_hi, mh_lo, kGzHi, kGzMid);
+      if (has.g) grad_mma(acc_g, dg_hi, dg_lo, kZg, kZg);
+      if (has.u) grad_mma(acc_u, du_hi, du_lo, kZu, kZu);
+      if (has.gzd) grad_mma(acc_d, mh_b, mh_b, kGzHi, kGzLo);
     }
   }
 
@@ -430,7 +427,7 @@ int wgrad_r16(const MoeSwigluBackwardParams& p) {
 // Bytes of wgrad_split_z_kernel's output in the workspace (after any partials): meta, then zs.
 int64_t wgrad_zs_bytes(const MoeSwigluBackwardParams& p) {
   const int64_t N = p.T * p.k;
-  return N * (16 + kWgTerms * wgrad_rs(wgrad_r16(p)) * 2);
+  return N * (16 + int64_t(wgrad_zrow(wgrad_r16(p))) * 2);
 }
 
 int64_t wgrad_col_tiles(int64_t I) { return (I + kWgCols - 1) / kWgCols; }

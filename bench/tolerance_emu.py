@@ -1,17 +1,17 @@
-"""The v12 patch's tolerance, emulated on the CPU (bench/NOTES.md v12): the tensor-core SwiGLU
-kernels' roundings (z, drop(h), grad_zd, dg, du to bf16; fp32 sums, exact SiLU) written in
-PyTorch, against the bound tests/test_cuda.py applies (2x the error of the rounding reference
+"""The tolerance of the bf16 tensor-core SwiGLU kernels, emulated on the CPU (bench/NOTES.md
+v12): the kernels' roundings (z, drop(h), grad_zd, dg, du to bf16; fp32 sums, exact SiLU)
+written in PyTorch, against the bound tests/test_cuda.py applies (2x the error of the rounding reference
 in bf16, plus the floor) at the tensor-core test cases, every SwiGLU variant. Prints the worst
-error / bound per output (1 fails). With the patch applied, from the repository root:
+error / bound per output (1 fails). From the repository root, with the package installed:
 
-    python bench/patches/v12-tolerance-emu.py [draws]
+    python bench/tolerance_emu.py [draws]
 """
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import mixlora_ext  # noqa
 import op_reference as ref
 from op_inputs import OpInputs, SWIGLU_VARIANTS
