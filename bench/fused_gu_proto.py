@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/run.py's helpers
+
 
 @triton.jit
 def _gu_moe_swiglu_kernel(x_ptr, wg_ptr, wu_ptr, hbar_ptr, z_ptr, xag_ptr, xau_ptr, ids_ptr,
@@ -233,18 +235,11 @@ def check(T, H, I, E, R, k, dtype, device, **cfg):
     return errs
 
 
-def cuda_ms(fn, reps=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def cuda_ms(fn, reps=30):
+    """Median milliseconds of fn() by CUDA events (bench/run.py's timer; imported here because
+    run.py needs the built package, which the CPU check does not)."""
+    from run import cuda_times_ms
+    return statistics.median(cuda_times_ms(fn, reps, warmup=5))
 
 
 def bench(args):
@@ -290,8 +285,7 @@ def bench(args):
             errs = check(512, H, I, E, R, k, dtype, dev, **cfg)
             row["check_T512"] = errs
     try:  # the library's layer on the same shape, for the same call's side-by-side
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__)))
-        from run import DenseMLP  # noqa: E402
+        from run import DenseMLP
         from mixlora_ext import MixLoRAConfig, MixLoRAFFN
         base = DenseMLP(H, I).to(device=dev, dtype=dtype)
         for p in base.parameters():
