@@ -77,11 +77,16 @@ enum : int { kZg = 0, kZu, kGzHi, kGzLo };
 // of an ldmatrix tile hit distinct banks. Shared memory per stage: z [kWgChunk, kZRow]; G, U,
 // grad_hbar [3, kWgChunk, kWgColStride]; the chunk's pairs q [kWgChunk] (int32, -1 past the
 // split's end) and their routing weights [kWgChunk].
+// RS and a position's z row (bf16) for ranks padded to 16 * r16; used by the layout, the split
+// kernel and the host's workspace size alike.
+__host__ __device__ constexpr int wgrad_rs(int r16) { return 16 * r16 + 8; }
+__host__ __device__ constexpr int wgrad_zrow_of_rs(int rs) { return kWgTerms * rs + 8; }
+__host__ __device__ constexpr int wgrad_zrow(int r16) { return wgrad_zrow_of_rs(wgrad_rs(r16)); }
+
 template <int R16>
 struct WgLayout {
-  static constexpr int RP = 16 * R16;
-  static constexpr int RS = RP + 8;
-  static constexpr int kZRow = kWgTerms * RS + 8;  // bf16 per position
+  static constexpr int RS = wgrad_rs(R16);
+  static constexpr int kZRow = wgrad_zrow(R16);  // bf16 per position
   static_assert((kZRow * 2 / 16) % 2 == 1, "conflict-free ldmatrix rows");
   static constexpr int kZBytes = kWgChunk * kZRow * 2;
   static constexpr int kRowBytes = 3 * kWgChunk * kWgColStride * 2;
@@ -89,9 +94,6 @@ struct WgLayout {
   static constexpr int kSmem = 2 * kStageBytes;
   static_assert(kZBytes % 16 == 0 && kRowBytes % 16 == 0, "16-byte aligned stage parts");
 };
-
-int wgrad_rs(int r16) { return 16 * r16 + 8; }
-int wgrad_zrow(int r16) { return kWgTerms * wgrad_rs(r16) + 8; }
 
 // Two bf16 as one MMA operand word (lo in the low half): pack_bf16x2 of the pair.
 __device__ __forceinline__ uint32_t pack2(bf16 lo, bf16 hi) {
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kWgSplitThreads)
   const int j = static_cast<int>(idx % (RS / 2)), r = 2 * j;
   const int64_t q = p.order[pos];
   const WgFlags has = wgrad_flags(p);
-  uint32_t* row = reinterpret_cast<uint32_t*>(zs + pos * (kWgTerms * RS + 8)) + j;
+  uint32_t* row = reinterpret_cast<uint32_t*>(zs + pos * wgrad_zrow_of_rs(RS)) + j;
   auto two = [&](bool present, const void* src, int64_t R, float& a, float& b) {
     const float* z = static_cast<const float*>(src) + q * R;
     a = present && r < R ? z[r] : 0.f;
