@@ -6,11 +6,11 @@
 # numbers are in). Measured per build: swiglu_micro.py at r = 16 and r = 64 (CUDA events and
 # per-kernel times, T = 4096, I = 11008, E = 8, k = 2, bf16) and profile_step.py --T 4096 at
 # r = 16 and r = 64 (the layer step's kernels). Output: $OUT/check.log.
-#   device: OUT=$OUT BASE=.ab/base bash bench/swiglu_ab.sh
+#   device: OUT=$OUT BASE=.ab/base bash bench/swiglu_ab.sh     (RANKS=16: r = 16 only)
 source "$(dirname "$0")/device_common.sh"
 device_setup /tmp/swiglu_ab
 measure() {  # $1: the build's name in the log
-  for r in 16 64; do
+  for r in ${RANKS:-16 64}; do
     step 120 "$1 swiglu_micro r=$r" bash -c "cd bench && python3 swiglu_micro.py --r $r --reps 30"
     step 120 "$1 profile T=4096 r=$r" bash -c "cd bench && python3 profile_step.py --T 4096 --r $r --reps 20"
   done
