@@ -12,6 +12,7 @@ eager time also holds launch gaps, which the last column shows (eager - sum of k
 """
 import argparse
 import json
+import os
 
 TARGET = {"forward": 1.10, "forward+backward": 1.15}
 DECODE_T, DECODE_TARGET = 16, 1.3
@@ -27,6 +28,9 @@ def main():
     a = ap.parse_args()
     recs = {}
     for path in a.records:
+        if not os.path.exists(path):
+            print(f"{path}: no records (did every profile_step run fail?)")
+            continue
         with open(path) as f:
             for line in f:
                 if line.strip():

@@ -8,7 +8,7 @@
 source "$(dirname "$0")/device_common.sh"
 device_setup /tmp/breakdown
 [ "${SKIP_BUILD:-0}" = 1 ] || build_and_check
-J=$OUT/breakdown.jsonl
+J=$(realpath -m "$OUT")/breakdown.jsonl  # (absolute: profile_step runs in bench/)
 prof() { step 90 "profile $*" bash -c "cd bench && python3 profile_step.py --dense --reps 20 --json $J $*"; }
 # (In the order of what matters most, each shape's records appended as it finishes: a call cut
 # short still returns the shapes it got to.)
