@@ -22,9 +22,7 @@ CASES = [(1000, 8, 2, 16, 200), (1000, 16, 4, 64, 1000), (1000, 16, 2, 16, 1000)
 def dense_emulated(z, x, order, offsets, coef):
     T, k, R = z.shape
     E = offsets.numel() - 1
-    ids = torch.empty(T * k, dtype=torch.long)
-    ids[order.long()] = torch.repeat_interleave(torch.arange(E), offsets.diff())
-    ids = ids.view(T, k)
+    ids = ref.pair_experts(order, offsets).view(T, k)  # (the patch's lora_pair_ids_kernel)
     v = torch.zeros(T, E, R)
     cz = z if coef is None else coef[..., None] * z
     for j in range(k):  # the split kernel's sum over the slots that picked e, in j order

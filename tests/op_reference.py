@@ -116,6 +116,16 @@ def ref_lora_expand(z, B, ids, coef, dropout_p, seed, stream):
     return y.sum(1).to(B.dtype)
 
 
+def pair_experts(order, offsets):
+    """[N] int64: the expert of each pair q, from the sorted grouping (pairs
+    order[offsets[e]:offsets[e+1]] are expert e's)."""
+    E = offsets.numel() - 1
+    expert_of_sorted = torch.repeat_interleave(torch.arange(E, device=order.device), offsets.diff())
+    expert = torch.empty_like(expert_of_sorted)
+    expert[order.long()] = expert_of_sorted
+    return expert
+
+
 def ref_lora_weight_grad(z, x, order, offsets, coef, dropout_p, seed, stream):
     acc = acc_dtype(x.dtype)
     T, k, R = z.shape
@@ -123,10 +133,7 @@ def ref_lora_weight_grad(z, x, order, offsets, coef, dropout_p, seed, stream):
     E = offsets.numel() - 1
     x_drop = x.to(acc)[:, None, :] * dropout_scale(x, seed, stream, T, k, D, dropout_p, acc)  # [T, k, D]
     cz = z if coef is None else coef[..., None] * z  # [T, k, R]
-    # The expert of each pair, from the sorted grouping: pairs order[offsets[e]:offsets[e+1]].
-    expert_of_sorted = torch.repeat_interleave(torch.arange(E, device=x.device), offsets.diff())
-    expert = torch.empty_like(expert_of_sorted)
-    expert[order.long()] = expert_of_sorted  # [N]
+    expert = pair_experts(order, offsets)  # [N]
     out = torch.zeros(E, R, D, dtype=acc, device=x.device)
     out.index_add_(0, expert, (cz[..., None] * x_drop[:, :, None, :]).reshape(T * k, R, D))
     return out
