@@ -5,7 +5,9 @@
 # the same way (this tree first: if the call runs out of time, the tests and the change's
 # numbers are in). Measured per build: swiglu_micro.py at r = 16 and r = 64 (CUDA events and
 # per-kernel times, T = 4096, I = 11008, E = 8, k = 2, bf16) and profile_step.py --T 4096 at
-# r = 16 and r = 64 (the layer step's kernels). Output: $OUT/check.log.
+# r = 16 and r = 64 (the layer step's kernels). With BREAKDOWN=1, bench/breakdown.sh of this
+# build follows its own measurements (before BASE's build: a call cut short keeps the shapes it
+# got to). Output: $OUT/check.log (and breakdown.jsonl / .md).
 #   device: OUT=$OUT BASE=.ab/base bash bench/swiglu_ab.sh     (RANKS=16: r = 16 only)
 source "$(dirname "$0")/device_common.sh"
 device_setup /tmp/swiglu_ab
@@ -18,6 +20,7 @@ measure() {  # $1: the build's name in the log
 build_and_check
 [ "${SKIP_TEST_CUDA:-0}" = 1 ] || step 300 test_cuda pytest -q tests/test_cuda.py
 measure this
+if [ "${BREAKDOWN:-0}" = 1 ]; then OUT=$OUT SKIP_BUILD=1 bash "$(dirname "$0")/breakdown.sh"; fi
 if [ -n "${BASE:-}" ]; then
   step 300 "build $BASE" python3 -m pip install --no-build-isolation --no-deps "$BASE" -q
   measure base
