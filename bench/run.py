@@ -10,7 +10,8 @@ memory (GPU); ratios to the dense MLP; achieved TFLOP/s against the frozen GEMM 
 shape (6*T*H*I forward, twice that forward+backward). The layer is in training mode; rows with
 p > 0 have LoRA dropout on (the usual fine-tuning setting), the others none. Writes a table to
 stdout, JSON and a PNG plot of the ratios to bench/results/ (or --out).
-GPU times: CUDA events around each call, median of many calls after warm-up.
+GPU times: CUDA events around each call, median of many calls after warm-up; the dense MLP's and
+the layer's calls alternate, so that drift during a row falls on both.
 """
 from __future__ import annotations
 
@@ -71,20 +72,44 @@ def cuda_times_ms(fn, reps, warmup=3):
     return times
 
 
-def _timer(device):
-    """Returns time_ms(fn, reps) -> median milliseconds of fn()."""
+def _call_timer(device):
+    """Returns call_ms(fn): the milliseconds of one call of fn() (CUDA events on the GPU)."""
     if device.type == "cuda":
-        return lambda fn, reps: statistics.median(cuda_times_ms(fn, reps))
-
-    def time_ms(fn, reps):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+        def call_ms(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return time_ms
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return call_ms
+
+    def call_ms(fn):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return call_ms
+
+
+def interleaved_medians(fns, reps, call_ms, warmup_ms=50.0):
+    """{name: median milliseconds of a call} for fns ({name: fn}). Each fn is warmed up first
+    (3 calls, and on until warmup_ms of them); then the timed calls alternate, round i starting
+    at the i-th fn (mod len(fns)), so that a drift of the GPU's clocks or of the host's load
+    during the measurement falls on every fn alike and the ratios between them keep. (Until the
+    eleventh session of bench/NOTES.md each fn was timed in one block after 3 calls: the dense
+    MLP's own time at T = 512 differed by up to 1.7x between two runs in one call, v11.)"""
+    for fn in fns.values():
+        spent, calls = 0.0, 0
+        while calls < 3 or spent < warmup_ms:
+            spent += call_ms(fn)
+            calls += 1
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(reps):
+        first = i % len(names)
+        for name in names[first:] + names[:first]:
+            times[name].append(call_ms(fns[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _peak_extra_mib(fn, device):
@@ -111,7 +136,7 @@ def bench_shape(H, I, T, E, r, dropout, dtype, device, reps):
     x = torch.randn(T, H, device=device, dtype=dtype)
     grad_out = torch.randn(T, H, device=device, dtype=dtype)
     xg = x.clone().requires_grad_(True)
-    time_ms = _timer(device)
+    call_ms = _call_timer(device)
 
     def forward(fn):
         def run():
@@ -129,12 +154,17 @@ def bench_shape(H, I, T, E, r, dropout, dtype, device, reps):
 
     variants = {"dense": base, "fused": layer, "reference": lambda v: reference_forward(layer, v)}
     row = dict(H=H, I=I, T=T, E=E, k=TOP_K, r=r, dropout=dropout, dtype=str(dtype).replace("torch.", ""))
+    # Decode-sized rows take ~0.1 ms a call and their ratio moves with the host's jitter
+    # (bench/NOTES.md v8: +-30% between calls at 50): ten times the calls there. The dense MLP's
+    # and the layer's calls alternate (the ratios); the reference, slow, is timed after them.
+    reps_here = reps * (10 if T <= DECODE_T else 1)
+    for phase, wrap in (("fwd", forward), ("fwdbwd", forward_backward)):
+        got = interleaved_medians({"dense": wrap(base), "fused": wrap(layer)}, reps_here, call_ms)
+        got.update(interleaved_medians({"reference": wrap(variants["reference"])}, max(3, reps // 4),
+                                       call_ms))
+        for name, ms in got.items():
+            row[f"{name}_{phase}_ms"] = ms
     for name, fn in variants.items():
-        # Decode-sized rows take ~0.1 ms a call and their ratio moves with the host's jitter
-        # (bench/NOTES.md v8: +-30% between calls at 50): ten times the calls there.
-        reps_here = max(3, reps // 4) if name == "reference" else reps * (10 if T <= DECODE_T else 1)
-        row[f"{name}_fwd_ms"] = time_ms(forward(fn), reps_here)
-        row[f"{name}_fwdbwd_ms"] = time_ms(forward_backward(fn), reps_here)
         row[f"{name}_peak_mib"] = _peak_extra_mib(forward_backward(fn), device)
     gemm_flops = 6 * T * H * I
     row["fused_fwd_tflops"] = gemm_flops / row["fused_fwd_ms"] / 1e9

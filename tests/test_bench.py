@@ -1,0 +1,36 @@
+"""bench/run.py's timing, on the CPU: interleaved_medians' warm-up and alternation, and one row
+of bench_shape (every time present, the ratios those times give)."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import run  # noqa: E402  (bench/run.py)
+
+
+def test_interleaved_medians_warms_up_then_alternates():
+    cost = {"a": 1.0, "b": 2.0, "c": 3.0}
+    calls = []
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            return cost[name]
+        return fn
+
+    got = run.interleaved_medians({n: make(n) for n in cost}, 4, call_ms=lambda fn: fn(), warmup_ms=5.0)
+    assert got == cost
+    # Warm-up: each fn 3 calls and on until 5 ms of them (a: 5 calls; b, c: 3).
+    assert calls[:11] == ["a"] * 5 + ["b"] * 3 + ["c"] * 3
+    # Timed rounds: round i starts at the i-th fn.
+    assert calls[11:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+
+
+def test_bench_shape_row_on_cpu():
+    row = run.bench_shape(64, 96, 16, 4, 4, 0.0, torch.float32, torch.device("cpu"), reps=2)
+    for phase in ("fwd", "fwdbwd"):
+        for name in ("dense", "fused", "reference"):
+            assert row[f"{name}_{phase}_ms"] > 0
+        assert row[f"ratio_{phase}"] == row[f"fused_{phase}_ms"] / row[f"dense_{phase}_ms"]
+        assert row[f"speedup_{phase}"] == row[f"reference_{phase}_ms"] / row[f"fused_{phase}_ms"]
