@@ -1,0 +1,294 @@
+// A Hopper GEMM of our own, for the fused-GEMM route (bench/NOTES.md v13, "The fused-GEMM route
+// in CUDA"): C [M, N] = A [M, K] @ B [N, K]^T, bf16 in, fp32 sums, bf16 out, with TMA copies and
+// wgmma, as the frozen gate / up GEMM the MoE SwiGLU epilogue would live in. Bench code, not a path
+// of the library: the route needs this mainloop within ~5% of cuBLAS before any epilogue is worth
+// writing, and `bench/wgmma_gemm_proto.py` measures exactly that (it builds this file with nvcc
+// into a shared library and calls `wgmma_gemm_bf16` through ctypes).
+//
+// Design (persistent, warp-specialized, "cooperative"): one CTA per SM walks output tiles of
+// 128 x 256 (tile t: rows (t % m_tiles) * 128, columns (t / m_tiles) * 256, so the CTAs running
+// at once share B tiles and all of A stays in L2). Warpgroup 0's first thread is the producer:
+// it copies each 64-wide K slice of the tile's A (128 x 64) and B (256 x 64) rows into one of 4
+// shared-memory stages with the bulk tensor copy (128-byte swizzle), completing the stage's "full"
+// barrier. Warpgroups 1 and 2 are the consumers, 64 rows of the tile each: per stage four
+// `wgmma.mma_async m64n256k16` (operands from shared memory, 128 fp32 accumulators a thread), one
+// group in flight while the next stage is waited for; each warp arrives on the stage's "empty"
+// barrier once the group that read it is complete. The epilogue stores the accumulators as bf16
+// pairs straight from registers (the producer meanwhile fills the stages of the next tile).
+// Shapes: M % 128 == 0, N % 256 == 0, K % 64 == 0, 16-byte aligned rows (the launcher checks).
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
+constexpr int kConsumers = 2;                  // warpgroups, 64 rows of a tile each
+constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kRowBytes = kBK * 2;             // 128: one swizzle atom's row
+constexpr int kABytes = kBM * kRowBytes;       // 16 KiB
+constexpr int kBBytes = kBN * kRowBytes;       // 32 KiB
+constexpr int kStageBytes = kABytes + kBBytes;
+[[maybe_unused]] constexpr int kEmptyArrivals = kConsumers * 4;  // one per consumer warp
+constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8;  // (1024: alignment)
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MIXLORA_PROTO_SM90A 1
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// Until the phase of the given parity has completed (a fresh barrier: parity 1 passes at once).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+// Box (c0: K, c1: rows) of the tensor map into shared memory at dst, completing bytes on bar.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes, written by the
+// tensor copy with 128-byte swizzle from a 1024-byte aligned base: start address >> 4 (bits
+// 0-13), leading byte offset unused for this layout (1), stride byte offset 1024 >> 4 (8 rows of
+// 128 bytes, bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63). The k-th 16-wide K step of
+// the tile starts 32 bytes further: + 2 in the start address field.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= uint64_t(1) << 16;
+  d |= uint64_t(1024 >> 4) << 32;
+  d |= uint64_t(1) << 62;
+  return d;
+}
+
+// Keeps the compiler from moving accesses of the accumulators across the asynchronous MMAs.
+__device__ __forceinline__ void fence_operands(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// d (64 x 256 of the warpgroup, fp32) = A (64 x 16) @ B (256 x 16)^T + (scale_d ? d : 0).
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                                 uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+
+}
+
+#endif  // sm_90a
+
+// One CTA per SM (or per tile, if fewer), 384 threads: warpgroup 0 the producer (one thread),
+// warpgroups 1 and 2 the consumers.
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_gemm_kernel(const __grid_constant__ CUtensorMap map_a,
+                      const __grid_constant__ CUtensorMap map_b, __nv_bfloat16* __restrict__ c,
+                      int M, int N, int K) {
+#ifdef MIXLORA_PROTO_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t full0 = base + kStages * kStageBytes;  // full[s] at full0 + 8 s
+  const uint32_t empty0 = full0 + kStages * 8;          // empty[s] at empty0 + 8 s
+  const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
+  const int m_tiles = M / kBM, tiles = m_tiles * (N / kBN), k_steps = K / kBK;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, kEmptyArrivals);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // the producer
+    if (tid == 0) {
+      int it = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = (tile % m_tiles) * kBM, n0 = (tile / m_tiles) * kBN;
+        for (int ks = 0; ks < k_steps; ++ks, ++it) {
+          const int s = it % kStages;
+          const uint32_t parity = static_cast<uint32_t>(it / kStages) & 1u;
+          mbar_wait(empty0 + 8 * s, parity ^ 1u);
+          const uint32_t sa = base + s * kStageBytes;
+          mbar_expect_tx(full0 + 8 * s, kStageBytes);
+          tma_load_2d(sa, &map_a, full0 + 8 * s, ks * kBK, m0);
+          tma_load_2d(sa + kABytes, &map_b, full0 + 8 * s, ks * kBK, n0);
+        }
+      }
+    }
+    return;
+  }
+
+  const int half = wg - 1;  // rows 64 half .. 64 half + 63 of the tile
+  const int warp = tid / 32, lane = tid % 32;
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.f;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = (tile % m_tiles) * kBM, n0 = (tile / m_tiles) * kBN;
+    int previous = -1;
+    for (int ks = 0; ks < k_steps; ++ks, ++it) {
+      const int s = it % kStages;
+      mbar_wait(full0 + 8 * s, static_cast<uint32_t>(it / kStages) & 1u);
+      const uint32_t sa = base + s * kStageBytes;
+      const uint64_t desc_a = sw128_desc(sa + half * 64 * kRowBytes);
+      const uint64_t desc_b = sw128_desc(sa + kABytes);
+      fence_operands(d);
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kBK / 16; ++k) {
+        wgmma_m64n256k16(d, desc_a + 2 * k, desc_b + 2 * k, (ks > 0 || k > 0) ? 1u : 0u);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous stage's group is complete: release that stage
+      fence_operands(d);
+      if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+      previous = s;
+    }
+    wgmma_wait<0>();
+    fence_operands(d);
+    if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+
+    // d[4 j + {0, 1}]: row r, columns 8 j + 2 (lane % 4) + {0, 1}; d[4 j + {2, 3}]: row r + 8.
+    const int64_t row = m0 + half * 64 + warp * 16 + lane / 4;
+    __nv_bfloat16* out = c + row * N + n0 + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kBN / 8; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(d[4 * j], d[4 * j + 1]);
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * N + 8 * j) =
+          __floats2bfloat162_rn(d[4 * j + 2], d[4 * j + 3]);
+    }
+  }
+#else
+  (void)M, (void)N, (void)K, (void)c;
+  __trap();  // built without sm_90a
+#endif
+}
+
+// A 2-D tensor map of a row-major bf16 matrix [rows, cols] (cols contiguous), boxes of
+// box_rows x 64 columns, 128-byte swizzle.
+CUresult make_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const void* ptr,
+                  int rows, int cols, int box_rows) {
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};  // bytes, dimension 1
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+}  // namespace
+
+// C = A @ B^T on `stream` with at most `max_ctas` CTAs (<= 0: one per SM). Returns 0, or a
+// nonzero code: 1 a shape or alignment this prototype does not take, 2 no cuTensorMapEncodeTiled,
+// 3 a tensor map the driver refused, else the CUDA error of the launch.
+extern "C" int wgmma_gemm_bf16(const void* a, const void* b, void* c, int M, int N, int K,
+                               void* stream, int max_ctas) {
+  if (M <= 0 || N <= 0 || K <= 0 || M % kBM != 0 || N % kBN != 0 || K % kBK != 0) return 1;
+  if ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
+       reinterpret_cast<uintptr_t>(c)) % 16 != 0) {
+    return 1;
+  }
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (encode == nullptr) {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess || fn == nullptr) {
+      return 2;
+    }
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  CUtensorMap map_a{}, map_b{};
+  if (make_map(&map_a, encode, a, M, K, kBM) != CUDA_SUCCESS) return 3;
+  if (make_map(&map_b, encode, b, N, K, kBN) != CUDA_SUCCESS) return 3;
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(wgmma_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kSmemBytes);
+  }
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int tiles = (M / kBM) * (N / kBN);
+  int grid = max_ctas > 0 ? max_ctas : sms;
+  grid = grid < tiles ? grid : tiles;
+  wgmma_gemm_kernel<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+      map_a, map_b, static_cast<__nv_bfloat16*>(c), M, N, K);
+  return static_cast<int>(cudaGetLastError());
+}

@@ -1,0 +1,119 @@
+"""Our own Hopper GEMM (bench/wgmma_gemm_proto.cu) against cuBLAS: the first gate of the
+fused-GEMM route (bench/NOTES.md v13 and "The fused-GEMM route in CUDA"), which needs a mainloop
+within ~5% of cuBLAS before a MoE SwiGLU epilogue is worth writing into it.
+
+Builds the .cu with nvcc into a shared library (sm_90a), calls it through ctypes, and for each
+shape C [M, N] = A [M, K] @ B [N, K]^T (bf16, fp32 sums): checks C against the fp32 product
+(error at most 2x cuBLAS's own bf16 error plus a bf16 ulp of the largest |C|, no element left
+unwritten: C is NaN before the call, identical bits on a second call), then times it beside
+`torch.mm(A, B.t())` (cuBLAS, as nn.Linear calls it) with CUDA events, median of --reps calls,
+the two alternating. The shapes: the gate and up GEMMs of the issue's (H, I) as one GEMM
+(N = 2 I: Wg and Wu stacked) at T = 4096 and 16384.
+
+    device: python3 bench/wgmma_gemm_proto.py [--reps 30] [--json F]
+"""
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from run import _call_timer, interleaved_medians  # noqa: E402  (bench/run.py)
+
+CHECK_SHAPES = [(128, 256, 64), (256, 512, 128), (384, 768, 4096), (1024, 2048, 1024)]
+TIME_SHAPES = [  # (M = T, N = 2 I, K = H)
+    (4096, 2 * 11008, 4096), (4096, 2 * 14336, 4096), (4096, 2 * 5632, 2048),
+    (16384, 2 * 11008, 4096),
+]
+
+
+def build(out_dir):
+    lib = os.path.join(out_dir, "wgmma_gemm_proto.so")
+    cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC",
+           "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+           os.path.join(HERE, "wgmma_gemm_proto.cu"), "-o", lib]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    print(done.stderr.strip()[-2000:], file=sys.stderr)
+    if done.returncode != 0:
+        raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
+    so = ctypes.CDLL(lib)
+    so.wgmma_gemm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    so.wgmma_gemm_bf16.restype = ctypes.c_int
+    return so
+
+
+def ours(so, A, B, C, max_ctas=0):
+    code = so.wgmma_gemm_bf16(A.data_ptr(), B.data_ptr(), C.data_ptr(), A.shape[0], B.shape[0], A.shape[1],
+                              torch.cuda.current_stream().cuda_stream, max_ctas)
+    if code != 0:
+        raise RuntimeError(f"wgmma_gemm_bf16 returned {code}")
+    return C
+
+
+def inputs(M, N, K):
+    A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    return A, B
+
+
+def check(so, M, N, K):
+    A, B = inputs(M, N, K)
+    exact = A.float() @ B.float().t()
+    C = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    ours(so, A, B, C)
+    again = torch.full_like(C, float("nan"))
+    ours(so, A, B, again)
+    torch.cuda.synchronize()
+    err = (C.float() - exact).abs().max().item()
+    cublas_err = (torch.mm(A, B.t()).float() - exact).abs().max().item()
+    bound = 2 * cublas_err + exact.abs().max().item() * 2.0 ** -8
+    ok = not torch.isnan(C).any().item() and err <= bound and torch.equal(C, again)
+    print(f"check M={M} N={N} K={K}: max error {err:.3e} (cuBLAS {cublas_err:.3e}, bound {bound:.3e}), "
+          f"repeat identical {torch.equal(C, again)}: {'ok' if ok else 'FAILED'}", flush=True)
+    return dict(M=M, N=N, K=K, error=err, cublas_error=cublas_err, bound=bound, ok=bool(ok))
+
+
+def time_shape(so, M, N, K, reps):
+    A, B = inputs(M, N, K)
+    C = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    got = interleaved_medians({"ours": lambda: ours(so, A, B, C), "cublas": lambda: torch.mm(A, B.t())},
+                              reps, _call_timer(torch.device("cuda")))
+    flop = 2 * M * N * K
+    row = dict(M=M, N=N, K=K, ours_ms=got["ours"], cublas_ms=got["cublas"],
+               ours_tflops=flop / got["ours"] / 1e9, cublas_tflops=flop / got["cublas"] / 1e9,
+               ratio=got["ours"] / got["cublas"])
+    print(f"time M={M} N={N} K={K}: ours {row['ours_ms']:.3f} ms ({row['ours_tflops']:.0f} TFLOP/s), "
+          f"cuBLAS {row['cublas_ms']:.3f} ms ({row['cublas_tflops']:.0f} TFLOP/s), ratio {row['ratio']:.3f}",
+          flush=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--json", default=None, help="write the checks and timings here")
+    a = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        raise SystemExit("needs a Hopper GPU (sm_90) and a CUDA build of torch")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with tempfile.TemporaryDirectory() as tmp:
+        so = build(tmp)
+        checks = [check(so, *s) for s in CHECK_SHAPES + TIME_SHAPES[:1]]
+        if not all(c["ok"] for c in checks):
+            raise SystemExit("wrong results: no timings")
+        rows = [time_shape(so, *s, a.reps) for s in TIME_SHAPES]
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, rows=rows,
+                  command=" ".join(sys.argv))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
