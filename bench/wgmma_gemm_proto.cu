@@ -15,6 +15,11 @@
 // group in flight while the next stage is waited for; each warp arrives on the stage's "empty"
 // barrier once the group that read it is complete. The epilogue stores the accumulators as bf16
 // pairs straight from registers (the producer meanwhile fills the stages of the next tile).
+//
+// Variant 1 ("ping-pong"): the two consumer warpgroups take whole tiles of 128 x 128 in turn
+// (two m64n128k16 a K step, 128 accumulators a thread), the producer filling 6 stages of 32 KiB
+// in tile order: while one warpgroup stores a tile, the other's MMAs run on the next, so the
+// epilogue (where the MoE SwiGLU would go) overlaps the tensor cores' work.
 // Shapes: M % 128 == 0, N % 256 == 0, K % 64 == 0, 16-byte aligned rows (the launcher checks).
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -25,15 +30,25 @@
 
 namespace {
 
-constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
-constexpr int kConsumers = 2;                  // warpgroups, 64 rows of a tile each
-constexpr int kThreads = 128 * (1 + kConsumers);
+constexpr int kBK = 64;                        // K per stage
 constexpr int kRowBytes = kBK * 2;             // 128: one swizzle atom's row
+constexpr int kConsumers = 2;                  // consumer warpgroups
+constexpr int kThreads = 128 * (1 + kConsumers);
+
+// Variant 0 (cooperative): 128 x 256 tiles, 64 rows a consumer warpgroup.
+constexpr int kBM = 128, kBN = 256, kStages = 4;
 constexpr int kABytes = kBM * kRowBytes;       // 16 KiB
 constexpr int kBBytes = kBN * kRowBytes;       // 32 KiB
 constexpr int kStageBytes = kABytes + kBBytes;
 [[maybe_unused]] constexpr int kEmptyArrivals = kConsumers * 4;  // one per consumer warp
 constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8;  // (1024: alignment)
+
+// Variant 1 (ping-pong): 128 x 128 tiles, a whole tile a consumer warpgroup, in turn.
+constexpr int kPpBM = 128, kPpBN = 128, kPpStages = 6;
+constexpr int kPpABytes = kPpBM * kRowBytes;   // 16 KiB
+constexpr int kPpStageBytes = kPpABytes + kPpBN * kRowBytes;  // 32 KiB
+[[maybe_unused]] constexpr int kPpEmptyArrivals = 4;  // the warps of the tile's warpgroup
+constexpr int kPpSmemBytes = 1024 + kPpStages * kPpStageBytes + (2 * kPpStages + 2) * 8;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MIXLORA_PROTO_SM90A 1
@@ -95,9 +110,10 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
 }
 
 // Keeps the compiler from moving accesses of the accumulators across the asynchronous MMAs.
-__device__ __forceinline__ void fence_operands(float (&d)[128]) {
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -145,7 +161,47 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
 
+// d (64 x 128 of the warpgroup, fp32) = A (64 x 16) @ B (128 x 16)^T + (scale_d ? d : 0).
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                 uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// Stores a warpgroup's 64 x (8 * J) fp32 accumulators as bf16 at c (row-major, ld columns):
+// d[4 j + {0, 1}] is row (warp 16 + lane / 4), columns 8 j + 2 (lane % 4) + {0, 1}; d[4 j + {2, 3}]
+// the row 8 below.
+template <int J>
+__device__ __forceinline__ void store_accumulators(const float (&d)[4 * J], __nv_bfloat16* c,
+                                                   int64_t ld, int warp, int lane) {
+  __nv_bfloat16* out = c + (warp * 16 + lane / 4) * ld + 2 * (lane % 4);
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(d[4 * j], d[4 * j + 1]);
+    *reinterpret_cast<__nv_bfloat162*>(out + 8 * ld + 8 * j) =
+        __floats2bfloat162_rn(d[4 * j + 2], d[4 * j + 3]);
+  }
 }
 
 #endif  // sm_90a
@@ -222,15 +278,105 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_operands(d);
     if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
 
-    // d[4 j + {0, 1}]: row r, columns 8 j + 2 (lane % 4) + {0, 1}; d[4 j + {2, 3}]: row r + 8.
-    const int64_t row = m0 + half * 64 + warp * 16 + lane / 4;
-    __nv_bfloat16* out = c + row * N + n0 + 2 * (lane % 4);
-#pragma unroll
-    for (int j = 0; j < kBN / 8; ++j) {
-      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(d[4 * j], d[4 * j + 1]);
-      *reinterpret_cast<__nv_bfloat162*>(out + 8 * N + 8 * j) =
-          __floats2bfloat162_rn(d[4 * j + 2], d[4 * j + 3]);
+    store_accumulators<kBN / 8>(d, c + static_cast<int64_t>(m0 + half * 64) * N + n0, N, warp, lane);
+  }
+#else
+  (void)M, (void)N, (void)K, (void)c;
+  __trap();  // built without sm_90a
+#endif
+}
+
+// Variant 1: the same producer; consumer warpgroup w takes the CTA's tiles i with i % 2 == w
+// (tile i's K steps are the producer's steps i * k_steps ...), two m64n128k16 a K step (its
+// rows 0-63 and 64-127), its own stage releases (4 arrivals: its warps). The two warpgroups'
+// main loops take turns (barrier turn[w]: the other's main loop of the previous tile has waited
+// for all its stages): so neither waits on a stage's "full" barrier more than one phase ahead
+// of it, which a parity wait could not tell from the phase before, and the tensor cores work
+// on one tile at a time while the other warpgroup stores its last.
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_gemm_pingpong_kernel(const __grid_constant__ CUtensorMap map_a,
+                               const __grid_constant__ CUtensorMap map_b,
+                               __nv_bfloat16* __restrict__ c, int M, int N, int K) {
+#ifdef MIXLORA_PROTO_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t full0 = base + kPpStages * kPpStageBytes;
+  const uint32_t empty0 = full0 + kPpStages * 8;
+  const uint32_t turn0 = empty0 + kPpStages * 8;  // turn[w] at turn0 + 8 w
+  const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
+  const int m_tiles = M / kPpBM, tiles = m_tiles * (N / kPpBN), k_steps = K / kBK;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kPpStages; ++s) {
+      mbar_init(full0 + 8 * s, 1);
+      mbar_init(empty0 + 8 * s, kPpEmptyArrivals);
     }
+    mbar_init(turn0, 4);  // the other warpgroup's 4 warps
+    mbar_init(turn0 + 8, 4);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // the producer, as variant 0's with the smaller tiles
+    if (tid == 0) {
+      int it = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = (tile % m_tiles) * kPpBM, n0 = (tile / m_tiles) * kPpBN;
+        for (int ks = 0; ks < k_steps; ++ks, ++it) {
+          const int s = it % kPpStages;
+          mbar_wait(empty0 + 8 * s, (static_cast<uint32_t>(it / kPpStages) & 1u) ^ 1u);
+          const uint32_t sa = base + s * kPpStageBytes;
+          mbar_expect_tx(full0 + 8 * s, kPpStageBytes);
+          tma_load_2d(sa, &map_a, full0 + 8 * s, ks * kBK, m0);
+          tma_load_2d(sa + kPpABytes, &map_b, full0 + 8 * s, ks * kBK, n0);
+        }
+      }
+    }
+    return;
+  }
+
+  const int own = wg - 1;  // this warpgroup's tiles: the CTA's i-th with i % 2 == own
+  const int warp = tid / 32, lane = tid % 32;
+  float d0[64], d1[64];  // rows 0-63 and 64-127 of the tile
+#pragma unroll
+  for (int i = 0; i < 64; ++i) d0[i] = d1[i] = 0.f;
+  int i = own, turns = 0;
+  for (int tile = blockIdx.x + own * gridDim.x; tile < tiles; tile += 2 * gridDim.x, i += 2) {
+    const int m0 = (tile % m_tiles) * kPpBM, n0 = (tile / m_tiles) * kPpBN;
+    if (i > 0) {  // the CTA's tile i - 1 (the other warpgroup's) has had all its stages
+      mbar_wait(turn0 + 8 * own, static_cast<uint32_t>(turns) & 1u);
+      ++turns;
+    }
+    int it = i * k_steps, previous = -1;
+    for (int ks = 0; ks < k_steps; ++ks, ++it) {
+      const int s = it % kPpStages;
+      mbar_wait(full0 + 8 * s, static_cast<uint32_t>(it / kPpStages) & 1u);
+      const uint32_t sa = base + s * kPpStageBytes;
+      const uint64_t desc_a0 = sw128_desc(sa), desc_a1 = sw128_desc(sa + 64 * kRowBytes);
+      const uint64_t desc_b = sw128_desc(sa + kPpABytes);
+      fence_operands(d0);
+      fence_operands(d1);
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kBK / 16; ++k) {
+        const uint32_t accumulate = (ks > 0 || k > 0) ? 1u : 0u;
+        wgmma_m64n128k16(d0, desc_a0 + 2 * k, desc_b + 2 * k, accumulate);
+        wgmma_m64n128k16(d1, desc_a1 + 2 * k, desc_b + 2 * k, accumulate);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+      fence_operands(d0);
+      fence_operands(d1);
+      if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+      previous = s;
+    }
+    if (lane == 0) mbar_arrive(turn0 + 8 * (1 - own));  // the other's next tile may start
+    wgmma_wait<0>();
+    fence_operands(d0);
+    fence_operands(d1);
+    if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+    __nv_bfloat16* tile_c = c + static_cast<int64_t>(m0) * N + n0;
+    store_accumulators<kPpBN / 8>(d0, tile_c, N, warp, lane);
+    store_accumulators<kPpBN / 8>(d1, tile_c + static_cast<int64_t>(64) * N, N, warp, lane);
   }
 #else
   (void)M, (void)N, (void)K, (void)c;
@@ -253,16 +399,18 @@ CUresult make_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, co
 
 }  // namespace
 
-// C = A @ B^T on `stream` with at most `max_ctas` CTAs (<= 0: one per SM). Returns 0, or a
-// nonzero code: 1 a shape or alignment this prototype does not take, 2 no cuTensorMapEncodeTiled,
-// 3 a tensor map the driver refused, else the CUDA error of the launch.
+// C = A @ B^T on `stream` by variant 0 (cooperative) or 1 (ping-pong), with at most `max_ctas`
+// CTAs (<= 0: one per SM). Returns 0, or a nonzero code: 1 a shape, alignment or variant this
+// prototype does not take, 2 no cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else
+// the CUDA error of the launch.
 extern "C" int wgmma_gemm_bf16(const void* a, const void* b, void* c, int M, int N, int K,
-                               void* stream, int max_ctas) {
+                               void* stream, int max_ctas, int variant) {
   if (M <= 0 || N <= 0 || K <= 0 || M % kBM != 0 || N % kBN != 0 || K % kBK != 0) return 1;
   if ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
        reinterpret_cast<uintptr_t>(c)) % 16 != 0) {
     return 1;
   }
+  if (variant != 0 && variant != 1) return 1;
   static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   if (encode == nullptr) {
     void* fn = nullptr;
@@ -274,21 +422,22 @@ extern "C" int wgmma_gemm_bf16(const void* a, const void* b, void* c, int M, int
     }
     encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }
+  const bool pingpong = variant == 1;
+  const int bm = pingpong ? kPpBM : kBM, bn = pingpong ? kPpBN : kBN;
+  const int smem = pingpong ? kPpSmemBytes : kSmemBytes;
+  const auto kernel = pingpong ? wgmma_gemm_pingpong_kernel : wgmma_gemm_kernel;
   CUtensorMap map_a{}, map_b{};
-  if (make_map(&map_a, encode, a, M, K, kBM) != CUDA_SUCCESS) return 3;
-  if (make_map(&map_b, encode, b, N, K, kBN) != CUDA_SUCCESS) return 3;
+  if (make_map(&map_a, encode, a, M, K, bm) != CUDA_SUCCESS) return 3;
+  if (make_map(&map_b, encode, b, N, K, bn) != CUDA_SUCCESS) return 3;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) {
-    err = cudaFuncSetAttribute(wgmma_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kSmemBytes);
-  }
+  if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int tiles = (M / kBM) * (N / kBN);
+  const int tiles = (M / bm) * (N / bn);
   int grid = max_ctas > 0 ? max_ctas : sms;
   grid = grid < tiles ? grid : tiles;
-  wgmma_gemm_kernel<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
       map_a, map_b, static_cast<__nv_bfloat16*>(c), M, N, K);
   return static_cast<int>(cudaGetLastError());
 }

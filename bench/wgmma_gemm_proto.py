@@ -3,14 +3,16 @@ fused-GEMM route (bench/NOTES.md v13 and "The fused-GEMM route in CUDA"), which 
 within ~5% of cuBLAS before a MoE SwiGLU epilogue is worth writing into it.
 
 Builds the .cu with nvcc into a shared library (sm_90a), calls it through ctypes, and for each
-shape C [M, N] = A [M, K] @ B [N, K]^T (bf16, fp32 sums): checks C against the fp32 product
+shape C [M, N] = A [M, K] @ B [N, K]^T (bf16, fp32 sums) and each variant (0: cooperative,
+128 x 256 tiles; 1: ping-pong, 128 x 128 tiles a warpgroup in turn): checks C against the fp32 product
 (error at most 2x cuBLAS's own bf16 error plus a bf16 ulp of the largest |C|, no element left
 unwritten: C is NaN before the call, identical bits on a second call), then times it beside
 `torch.mm(A, B.t())` (cuBLAS, as nn.Linear calls it) with CUDA events, median of --reps calls,
 the two alternating. The shapes: the gate and up GEMMs of the issue's (H, I) as one GEMM
 (N = 2 I: Wg and Wu stacked) at T = 4096 and 16384.
 
-    device: python3 bench/wgmma_gemm_proto.py [--reps 30] [--json F]
+    device: timeout 120 python3 bench/wgmma_gemm_proto.py [--variants 0 1] [--reps 30] [--json F]
+    (a wrong barrier protocol hangs rather than fails: run it under a timeout, a variant a process)
 """
 import argparse
 import ctypes
@@ -43,14 +45,17 @@ def build(out_dir):
     if done.returncode != 0:
         raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
     so = ctypes.CDLL(lib)
-    so.wgmma_gemm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    so.wgmma_gemm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p] + [ctypes.c_int] * 2
     so.wgmma_gemm_bf16.restype = ctypes.c_int
     return so
 
 
-def ours(so, A, B, C, max_ctas=0):
+VARIANTS = {0: "cooperative", 1: "pingpong"}
+
+
+def ours(so, A, B, C, variant, max_ctas=0):
     code = so.wgmma_gemm_bf16(A.data_ptr(), B.data_ptr(), C.data_ptr(), A.shape[0], B.shape[0], A.shape[1],
-                              torch.cuda.current_stream().cuda_stream, max_ctas)
+                              torch.cuda.current_stream().cuda_stream, max_ctas, variant)
     if code != 0:
         raise RuntimeError(f"wgmma_gemm_bf16 returned {code}")
     return C
@@ -62,41 +67,44 @@ def inputs(M, N, K):
     return A, B
 
 
-def check(so, M, N, K):
+def check(so, variant, M, N, K):
     A, B = inputs(M, N, K)
     exact = A.float() @ B.float().t()
     C = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-    ours(so, A, B, C)
+    ours(so, A, B, C, variant)
     again = torch.full_like(C, float("nan"))
-    ours(so, A, B, again)
+    ours(so, A, B, again, variant)
     torch.cuda.synchronize()
     err = (C.float() - exact).abs().max().item()
     cublas_err = (torch.mm(A, B.t()).float() - exact).abs().max().item()
     bound = 2 * cublas_err + exact.abs().max().item() * 2.0 ** -8
     ok = not torch.isnan(C).any().item() and err <= bound and torch.equal(C, again)
-    print(f"check M={M} N={N} K={K}: max error {err:.3e} (cuBLAS {cublas_err:.3e}, bound {bound:.3e}), "
+    print(f"check {VARIANTS[variant]} M={M} N={N} K={K}: max error {err:.3e} (cuBLAS {cublas_err:.3e}, bound {bound:.3e}), "
           f"repeat identical {torch.equal(C, again)}: {'ok' if ok else 'FAILED'}", flush=True)
-    return dict(M=M, N=N, K=K, error=err, cublas_error=cublas_err, bound=bound, ok=bool(ok))
+    return dict(variant=VARIANTS[variant], M=M, N=N, K=K, error=err, cublas_error=cublas_err, bound=bound, ok=bool(ok))
 
 
-def time_shape(so, M, N, K, reps):
+def time_shape(so, variants, M, N, K, reps):
     A, B = inputs(M, N, K)
     C = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    got = interleaved_medians({"ours": lambda: ours(so, A, B, C), "cublas": lambda: torch.mm(A, B.t())},
-                              reps, _call_timer(torch.device("cuda")))
+    fns = {VARIANTS[v]: (lambda v=v: ours(so, A, B, C, v)) for v in variants}
+    fns["cublas"] = lambda: torch.mm(A, B.t())
+    got = interleaved_medians(fns, reps, _call_timer(torch.device("cuda")))
     flop = 2 * M * N * K
-    row = dict(M=M, N=N, K=K, ours_ms=got["ours"], cublas_ms=got["cublas"],
-               ours_tflops=flop / got["ours"] / 1e9, cublas_tflops=flop / got["cublas"] / 1e9,
-               ratio=got["ours"] / got["cublas"])
-    print(f"time M={M} N={N} K={K}: ours {row['ours_ms']:.3f} ms ({row['ours_tflops']:.0f} TFLOP/s), "
-          f"cuBLAS {row['cublas_ms']:.3f} ms ({row['cublas_tflops']:.0f} TFLOP/s), ratio {row['ratio']:.3f}",
-          flush=True)
+    row = dict(M=M, N=N, K=K, **{f"{name}_ms": ms for name, ms in got.items()},
+               **{f"{name}_tflops": flop / ms / 1e9 for name, ms in got.items()},
+               **{f"{VARIANTS[v]}_ratio": got[VARIANTS[v]] / got["cublas"] for v in variants})
+    print(f"time M={M} N={N} K={K}: " + ", ".join(f"{name} {ms:.3f} ms ({flop / ms / 1e9:.0f} TFLOP/s)"
+                                                   for name, ms in got.items())
+          + "; ratios to cuBLAS " + ", ".join(f"{row[VARIANTS[v] + '_ratio']:.3f}" for v in variants), flush=True)
     return row
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--variants", type=int, nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="0 cooperative, 1 ping-pong (one per process under a timeout: a hang stops only it)")
     parser.add_argument("--json", default=None, help="write the checks and timings here")
     a = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
@@ -104,10 +112,11 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     with tempfile.TemporaryDirectory() as tmp:
         so = build(tmp)
-        checks = [check(so, *s) for s in CHECK_SHAPES + TIME_SHAPES[:1]]
-        if not all(c["ok"] for c in checks):
-            raise SystemExit("wrong results: no timings")
-        rows = [time_shape(so, *s, a.reps) for s in TIME_SHAPES]
+        checks = [check(so, v, *s) for v in a.variants for s in CHECK_SHAPES + TIME_SHAPES[:1]]
+        correct = [v for v in a.variants if all(c["ok"] for c in checks if c["variant"] == VARIANTS[v])]
+        rows = [time_shape(so, correct, *s, a.reps) for s in TIME_SHAPES] if correct else []
+        if not correct:
+            print("no variant gave correct results: no timings", flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, rows=rows,
                   command=" ".join(sys.argv))
     if a.json:
