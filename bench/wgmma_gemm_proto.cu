@@ -40,14 +40,14 @@ constexpr int kBM = 128, kBN = 256, kStages = 4;
 constexpr int kABytes = kBM * kRowBytes;       // 16 KiB
 constexpr int kBBytes = kBN * kRowBytes;       // 32 KiB
 constexpr int kStageBytes = kABytes + kBBytes;
-[[maybe_unused]] constexpr int kEmptyArrivals = kConsumers * 4;  // one per consumer warp
+[[maybe_unused]] constexpr uint32_t kEmptyArrivals = kConsumers * 4;  // one per consumer warp
 constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8;  // (1024: alignment)
 
 // Variant 1 (ping-pong): 128 x 128 tiles, a whole tile a consumer warpgroup, in turn.
 constexpr int kPpBM = 128, kPpBN = 128, kPpStages = 6;
 constexpr int kPpABytes = kPpBM * kRowBytes;   // 16 KiB
 constexpr int kPpStageBytes = kPpABytes + kPpBN * kRowBytes;  // 32 KiB
-[[maybe_unused]] constexpr int kPpEmptyArrivals = 4;  // the warps of the tile's warpgroup
+[[maybe_unused]] constexpr uint32_t kPpEmptyArrivals = 4;  // the warps of the tile's warpgroup
 constexpr int kPpSmemBytes = 1024 + kPpStages * kPpStageBytes + (2 * kPpStages + 2) * 8;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -204,6 +204,38 @@ __device__ __forceinline__ void store_accumulators(const float (&d)[4 * J], __nv
   }
 }
 
+// Thread 0: the stages' barriers ("full": the producer's arrival and the copies' bytes;
+// "empty": the consumers' arrivals), made visible to the copy engine before anyone uses them.
+__device__ __forceinline__ void init_stage_barriers(uint32_t full0, uint32_t empty0, int stages,
+                                                    uint32_t empty_arrivals) {
+  for (int s = 0; s < stages; ++s) {
+    mbar_init(full0 + 8 * s, 1);
+    mbar_init(empty0 + 8 * s, empty_arrivals);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// The producer thread: for each of the CTA's tiles (M fastest) and each K step, waits for the
+// stage to be empty, then copies the tile's A rows (BM x 64) and B rows (BN x 64) into it.
+template <int BM, int BN, int STAGES>
+__device__ __forceinline__ void produce(const CUtensorMap* map_a, const CUtensorMap* map_b,
+                                        uint32_t base, uint32_t full0, uint32_t empty0,
+                                        int m_tiles, int tiles, int k_steps) {
+  constexpr int a_bytes = BM * kRowBytes, stage_bytes = a_bytes + BN * kRowBytes;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * BN;
+    for (int ks = 0; ks < k_steps; ++ks, ++it) {
+      const int s = it % STAGES;
+      mbar_wait(empty0 + 8 * s, (static_cast<uint32_t>(it / STAGES) & 1u) ^ 1u);
+      const uint32_t sa = base + s * stage_bytes;
+      mbar_expect_tx(full0 + 8 * s, stage_bytes);
+      tma_load_2d(sa, map_a, full0 + 8 * s, ks * kBK, m0);
+      tma_load_2d(sa + a_bytes, map_b, full0 + 8 * s, ks * kBK, n0);
+    }
+  }
+}
+
 #endif  // sm_90a
 
 // One CTA per SM (or per tile, if fewer), 384 threads: warpgroup 0 the producer (one thread),
@@ -219,30 +251,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t empty0 = full0 + kStages * 8;          // empty[s] at empty0 + 8 s
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
   const int m_tiles = M / kBM, tiles = m_tiles * (N / kBN), k_steps = K / kBK;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, kEmptyArrivals);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  if (threadIdx.x == 0) init_stage_barriers(full0, empty0, kStages, kEmptyArrivals);
   __syncthreads();
-
   if (wg == 0) {  // the producer
     if (tid == 0) {
-      int it = 0;
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = (tile % m_tiles) * kBM, n0 = (tile / m_tiles) * kBN;
-        for (int ks = 0; ks < k_steps; ++ks, ++it) {
-          const int s = it % kStages;
-          const uint32_t parity = static_cast<uint32_t>(it / kStages) & 1u;
-          mbar_wait(empty0 + 8 * s, parity ^ 1u);
-          const uint32_t sa = base + s * kStageBytes;
-          mbar_expect_tx(full0 + 8 * s, kStageBytes);
-          tma_load_2d(sa, &map_a, full0 + 8 * s, ks * kBK, m0);
-          tma_load_2d(sa + kABytes, &map_b, full0 + 8 * s, ks * kBK, n0);
-        }
-      }
+      produce<kBM, kBN, kStages>(&map_a, &map_b, base, full0, empty0, m_tiles, tiles, k_steps);
     }
     return;
   }
@@ -306,30 +319,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
   const int m_tiles = M / kPpBM, tiles = m_tiles * (N / kPpBN), k_steps = K / kBK;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kPpStages; ++s) {
-      mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, kPpEmptyArrivals);
-    }
+    init_stage_barriers(full0, empty0, kPpStages, kPpEmptyArrivals);
     mbar_init(turn0, 4);  // the other warpgroup's 4 warps
     mbar_init(turn0 + 8, 4);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-
   if (wg == 0) {  // the producer, as variant 0's with the smaller tiles
     if (tid == 0) {
-      int it = 0;
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = (tile % m_tiles) * kPpBM, n0 = (tile / m_tiles) * kPpBN;
-        for (int ks = 0; ks < k_steps; ++ks, ++it) {
-          const int s = it % kPpStages;
-          mbar_wait(empty0 + 8 * s, (static_cast<uint32_t>(it / kPpStages) & 1u) ^ 1u);
-          const uint32_t sa = base + s * kPpStageBytes;
-          mbar_expect_tx(full0 + 8 * s, kPpStageBytes);
-          tma_load_2d(sa, &map_a, full0 + 8 * s, ks * kBK, m0);
-          tma_load_2d(sa + kPpABytes, &map_b, full0 + 8 * s, ks * kBK, n0);
-        }
-      }
+      produce<kPpBM, kPpBN, kPpStages>(&map_a, &map_b, base, full0, empty0, m_tiles, tiles, k_steps);
     }
     return;
   }
