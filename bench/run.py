@@ -19,15 +19,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 import mixlora_ext
 from mixlora_ext import MixLoRAConfig, MixLoRAFFN, reference_forward
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import call_timer, cuda_times_ms, interleaved_medians  # noqa: E402,F401  (bench/timing.py)
 
 GPU_SHAPES = [  # (H, I, T, E, r, LoRA dropout p)
     *[(4096, 11008, t, 8, 16, 0.0) for t in (1, 8, 16, 512, 4096, 16384)],
@@ -57,61 +58,6 @@ class DenseMLP(nn.Module):
 DECODE_T = 16  # rows with at most this many tokens are decode-sized
 
 
-def cuda_times_ms(fn, reps, warmup=3):
-    """Milliseconds of each of `reps` calls of fn(), by CUDA events, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
-def _call_timer(device):
-    """Returns call_ms(fn): the milliseconds of one call of fn() (CUDA events on the GPU)."""
-    if device.type == "cuda":
-        def call_ms(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return call_ms
-
-    def call_ms(fn):
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return call_ms
-
-
-def interleaved_medians(fns, reps, call_ms, warmup_ms=50.0):
-    """{name: median milliseconds of a call} for fns ({name: fn}). Each fn is warmed up first
-    (3 calls, and on until warmup_ms of them); then the timed calls alternate, round i starting
-    at the i-th fn (mod len(fns)), so that a drift of the GPU's clocks or of the host's load
-    during the measurement falls on every fn alike and the ratios between them keep. (Until the
-    eleventh session of bench/NOTES.md each fn was timed in one block after 3 calls: the dense
-    MLP's own time at T = 512 differed by up to 1.7x between two runs in one call, v11.)"""
-    for fn in fns.values():
-        spent, calls = 0.0, 0
-        while calls < 3 or spent < warmup_ms:
-            spent += call_ms(fn)
-            calls += 1
-    names = list(fns)
-    times = {name: [] for name in names}
-    for i in range(reps):
-        first = i % len(names)
-        for name in names[first:] + names[:first]:
-            times[name].append(call_ms(fns[name]))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _peak_extra_mib(fn, device):
     if device.type != "cuda":
         return None
@@ -136,7 +82,7 @@ def bench_shape(H, I, T, E, r, dropout, dtype, device, reps):
     x = torch.randn(T, H, device=device, dtype=dtype)
     grad_out = torch.randn(T, H, device=device, dtype=dtype)
     xg = x.clone().requires_grad_(True)
-    call_ms = _call_timer(device)
+    call_ms = call_timer(device)
 
     def forward(fn):
         def run():

@@ -28,7 +28,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from run import _call_timer, interleaved_medians  # noqa: E402  (bench/run.py)
+from timing import call_timer, interleaved_medians  # noqa: E402  (bench/timing.py)
 
 CHECK_SHAPES = [(128, 256, 64), (256, 512, 128), (384, 768, 4096), (1024, 2048, 1024)]
 TIME_SHAPES = [  # (M = T, N = 2 I, K = H)
@@ -104,7 +104,7 @@ def time_shape(so, variants, M, N, K, reps):
     fns = {VARIANTS[v]: repeated(lambda v=v: ours(so, A, B, C, v)) for v in variants}
     fns["cublas"] = repeated(lambda: torch.mm(A, B.t()))
     got = {name: ms / CALLS for name, ms in
-           interleaved_medians(fns, reps, _call_timer(torch.device("cuda"))).items()}
+           interleaved_medians(fns, reps, call_timer(torch.device("cuda"))).items()}
     flop = 2 * M * N * K
     row = dict(M=M, N=N, K=K, **{f"{name}_ms": ms for name, ms in got.items()},
                **{f"{name}_tflops": flop / ms / 1e9 for name, ms in got.items()},

@@ -1,5 +1,6 @@
-"""bench/run.py's timing, on the CPU: interleaved_medians' warm-up and alternation, and one row
-of bench_shape (every time present, the ratios those times give)."""
+"""The bench scripts' timing, on the CPU: bench/timing.py's interleaved_medians (warm-up and
+alternation), and one row of bench/run.py's bench_shape (every time present, the ratios those
+times give)."""
 import os
 import sys
 
@@ -7,6 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import run  # noqa: E402  (bench/run.py)
+import timing  # noqa: E402  (bench/timing.py)
 
 
 def test_interleaved_medians_warms_up_then_alternates():
@@ -19,7 +21,7 @@ def test_interleaved_medians_warms_up_then_alternates():
             return cost[name]
         return fn
 
-    got = run.interleaved_medians({n: make(n) for n in cost}, 4, call_ms=lambda fn: fn(), warmup_ms=5.0)
+    got = timing.interleaved_medians({n: make(n) for n in cost}, 4, call_ms=lambda fn: fn(), warmup_ms=5.0)
     assert got == cost
     # Warm-up: each fn 3 calls and on until 5 ms of them (a: 5 calls; b, c: 3).
     assert calls[:11] == ["a"] * 5 + ["b"] * 3 + ["c"] * 3
