@@ -1,14 +1,17 @@
-"""The bench scripts' timing, on the CPU: bench/timing.py's interleaved_medians (warm-up and
-alternation), and one row of bench/run.py's bench_shape (every time present, the ratios those
-times give)."""
+"""The bench scripts, on the CPU: bench/timing.py's interleaved_medians (warm-up and
+alternation); one row of bench/run.py's bench_shape (every time present, the ratios those times
+give); the barrier protocol of bench/wgmma_gemm_proto.cu under random interleavings
+(bench/wgmma_protocol_sim.py), and that simulation catching faults planted in it."""
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import run  # noqa: E402  (bench/run.py)
 import timing  # noqa: E402  (bench/timing.py)
+import wgmma_protocol_sim as sim  # noqa: E402  (bench/wgmma_protocol_sim.py)
 
 
 def test_interleaved_medians_warms_up_then_alternates():
@@ -36,3 +39,15 @@ def test_bench_shape_row_on_cpu():
             assert row[f"{name}_{phase}_ms"] > 0
         assert row[f"ratio_{phase}"] == row[f"fused_{phase}_ms"] / row[f"dense_{phase}_ms"]
         assert row[f"speedup_{phase}"] == row[f"reference_{phase}_ms"] / row[f"fused_{phase}_ms"]
+
+
+def test_wgmma_protocol_holds_under_random_interleavings():
+    """Both variants' protocol: 100 random shapes and interleavings each."""
+    assert sim.run(100) == 200
+
+
+@pytest.mark.parametrize("fault", ["no_turn", "release_early", "empty_parity"])
+def test_wgmma_protocol_sim_catches_planted_faults(fault):
+    variants = (sim.PINGPONG,) if fault == "no_turn" else (sim.COOPERATIVE, sim.PINGPONG)
+    with pytest.raises(AssertionError):
+        sim.run(300, fault=fault, variants=variants)
