@@ -88,6 +88,36 @@ def check(so, variant, M, N, K):
                 ok=bool(ok))
 
 
+def diagnose(so, variant):
+    """For a variant whose results are wrong: which element of B each output used. One tile
+    (M 128, N 256, K 64) with A one-hot (A[r, k] = 1 at k = r % 64), so C[r, c] = B[c, r % 64];
+    B holds its own row index (first run) or K index (second run), both exact in bf16, so each
+    output names the (B row, k) it read: the pattern of the wrong ones points at the descriptors,
+    the swizzle or the fragment layout. Prints rows 0-15 and 64-79 (the first warp of each
+    64-row half), columns 0-15, as "B row/k", wrong ones in brackets."""
+    M, N, K = 128, 256, 64
+    A = torch.zeros(M, K, device="cuda", dtype=torch.bfloat16)
+    A[torch.arange(M), torch.arange(M) % K] = 1
+    index_b = [torch.arange(N, device="cuda")[:, None].expand(N, K),
+               torch.arange(K, device="cuda")[None, :].expand(N, K)]
+    got = []
+    for index in index_b:
+        C = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        ours(so, A, index.to(torch.bfloat16).contiguous(), C, variant)
+        got.append(C.float().cpu())
+    want_row = torch.arange(N).float()[None, :].expand(M, N)
+    want_k = (torch.arange(M) % K).float()[:, None].expand(M, N)
+    bad = (got[0] != want_row) | (got[1] != want_k)
+    print(f"diagnose {VARIANTS[variant]}: {int(bad.sum())} of {M * N} outputs read the wrong element "
+          "of B (or none)", flush=True)
+    for r in list(range(16)) + list(range(64, 80)):
+        cells = []
+        for c in range(16):
+            cell = f"{got[0][r, c].item():.0f}/{got[1][r, c].item():.0f}"
+            cells.append(f"[{cell}]" if bad[r, c] else cell)
+        print(f"  row {r:3d} (k {r % K:2d}): " + " ".join(cells), flush=True)
+
+
 CALLS = 5  # calls a timed sample: the host's work for one call overlaps the GPU's of the last
 
 
@@ -129,6 +159,9 @@ def main():
         so = build(tmp)
         checks = [check(so, v, *s) for v in a.variants for s in CHECK_SHAPES + TIME_SHAPES[:1]]
         correct = [v for v in a.variants if all(c["ok"] for c in checks if c["variant"] == VARIANTS[v])]
+        for v in a.variants:
+            if v not in correct:
+                diagnose(so, v)
         rows = [time_shape(so, correct, *s, a.reps) for s in TIME_SHAPES] if correct else []
         if not correct:
             print("no variant gave correct results: no timings", flush=True)
