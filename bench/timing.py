@@ -10,15 +10,8 @@ def cuda_times_ms(fn, reps, warmup=3):
     """Milliseconds of each of `reps` calls of fn(), by CUDA events, after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    call_ms = call_timer(torch.device("cuda"))
+    return [call_ms(fn) for _ in range(reps)]
 
 
 def call_timer(device):
