@@ -1,0 +1,530 @@
+// v17 (bench/NOTES.md): the MoE SwiGLU in the epilogue of our own Hopper gate / up GEMM, the
+// fused-GEMM route's second step. Bench code, not a path of the library: it builds on v16's
+// ping-pong GEMM (bench/wgmma_gemm_proto.cu, variant 1) and `bench/fused_gu_wgmma_proto.py`
+// checks it against the fp32 reference and times it beside cuBLAS.
+//
+// For E = 8 experts of rank R = 16, k = 2 pairs a token, bf16, it computes for a token t with
+// experts e_0, e_1 and weights w_0, w_1 (s the LoRA scale, folded into zg and zu by the caller):
+//   g_j = x Wg^T + zg_j Bg[e_j]^T,  u_j = x Wu^T + zu_j Bu[e_j]^T,  h_j = silu(g_j) u_j
+//   hbar = w_0 bf16(h_0) + w_1 h_1                                  [T, I] bf16
+//   zd_j = bf16(h_j) Ad[e_j]^T, summed over I by column chunk and warpgroup [P, T, 2, R] fp32
+// so G and U never go through device memory.
+//
+// The GEMM. Persistent CTAs (one per SM), each taking work items (a block of 128 tokens, a chunk
+// of I's 64-column tiles; items M-fastest so CTAs running together read the same weight tiles).
+// A tile is 128 tokens x 128 columns of the stacked weight Wgu, whose rows are Wg's and Wu's
+// interleaved in blocks of 64 (rows 128 n .. 128 n + 63 = Wg's 64 n .., the next 64 = Wu's), so
+// a tile holds G and U at the same 64 columns of I: in a thread's accumulators the n8 blocks j
+// and j + 8 are G and U at the same (row, column). Warpgroup 0's first thread is the producer
+// (5 stages of x 128 x 64 and Wgu 128 x 64, then the tile's epilogue operands: Bgu, Wgu's
+// interleave of [Bg | Bu] over all experts, [128 columns, E R] in two boxes, and Ad's [E R, 64
+// columns] into one 48 KiB buffer). Consumer warpgroups 1 and 2 take the CTA's tiles in turn,
+// as v16's variant 1: while one runs its epilogue, the other's main loop keeps the tensor cores
+// busy.
+//
+// The epilogue, per 64-row half of the tile (d0, d1), all on tensor cores:
+//   1. the deltas of pair 0 as wgmma with A from registers: for each expert kappa, A = zg_0 of
+//      the rows whose e_0 = kappa (others 0), B = Bgu's rows of the tile's G columns and expert
+//      kappa's 16 K columns; the same for U. 16 x m64n64k16, accumulated onto the GEMM's sums.
+//   2. h_0 = silu(g) u, kept as bf16 pairs (16 registers), which are already the A fragments
+//      of the next product.
+//   3. zd_0 += h_0 Ad^T: 4 x m64n32k16 a pair of experts, each row keeping its expert's columns
+//      (a select) in 32 fp32 registers that last over the item's tiles.
+//   4. the deltas of pair 1 as in 1 with A = (Z_1 - Z_0) masked (a token's two experts differ,
+//      so a row's kappa slot holds z_1, -z_0 or 0): the sums become x W^T + delta_1.
+//   5. h_1, hbar = w_0 h_0 + w_1 h_1 stored as bf16; 6. zd_1 as in 3.
+// The epilogue's MMAs are ~9% of the tile's main loop (bench/NOTES.md v16/v17).
+// Barriers: stage full / empty (as v16), the epilogue buffer's full / empty, and the turn pair of
+// v16's variant 1. A warpgroup hands the turn over only after it has waited for its epilogue
+// buffer: so the other never waits on a "full" barrier whose previous phase is still open (a
+// parity wait cannot tell that phase from its own; bench/wgmma_protocol_sim.py, variant 2).
+// Shapes: T % 128 == 0, H % 64 == 0, I % 64 == 0, 16-byte aligned rows (the launcher checks).
+#include "wgmma_common.cuh"
+
+#include "swiglu/swiglu_fast_math.cuh"  // activation_at: the library's SiLU
+
+namespace {
+
+constexpr int kExperts = 8, kRank = 16, kER = kExperts * kRank;  // E R = 128
+constexpr int kPairs = 2;
+constexpr int kTM = 128;   // tokens a tile
+constexpr int kTN = 128;   // rows of Wgu a tile: 64 columns of G, then the same 64 of U
+constexpr int kTI = 64;    // columns of I a tile
+constexpr int kStages = 4;
+constexpr int kThreads = 384;  // the producer warpgroup and two consumer warpgroups
+constexpr int kABytes = kTM * kRowBytes;                   // 16 KiB
+constexpr int kStageBytes = kABytes + kTN * kRowBytes;     // 32 KiB
+constexpr int kBoxBytes = 128 * kRowBytes;                 // a 128-row box: 16 KiB
+constexpr int kEpiBytes = 3 * kBoxBytes;                   // Bgu K 0-63, Bgu K 64-127, Ad
+// zd sums of a consumer warpgroup's 128 rows over the item's tiles (fp32, [row][pair][rank],
+// rows padded by 4 words against bank conflicts): in registers they spilled (NOTES v17).
+constexpr int kZdRowWords = kPairs * kRank + 4;
+constexpr int kZdBytes = kTM * kZdRowWords * 4;            // 18 KiB
+constexpr int kBarriers = 2 * kStages + 2 + 2;             // full, empty, epi full / empty, turn
+constexpr int kSmemBytes =
+    1024 + kStages * kStageBytes + kEpiBytes + 2 * kZdBytes + kBarriers * 8;
+static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+static_assert(kER == 2 * kBK, "Bgu's K (E R) is two 64-column boxes");
+
+// How a launch splits the work: items of (token block, column chunk).
+struct Plan {
+  int m_blocks, n_tiles, n_chunks, tiles_per_chunk, items;
+};
+
+__host__ __device__ inline Plan make_plan(int T, int I, int ctas) {
+  Plan p{};
+  p.m_blocks = T / kTM;
+  p.n_tiles = I / kTI;
+  int chunks = ctas / p.m_blocks;
+  chunks = chunks < 1 ? 1 : (chunks > p.n_tiles ? p.n_tiles : chunks);
+  p.tiles_per_chunk = (p.n_tiles + chunks - 1) / chunks;
+  p.n_chunks = (p.n_tiles + p.tiles_per_chunk - 1) / p.tiles_per_chunk;
+  p.items = p.m_blocks * p.n_chunks;
+  return p;
+}
+
+#ifdef MIXLORA_PROTO_SM90A
+
+// d (64 x 64 of the warpgroup, fp32) = A (64 x 16, bf16 from registers: each warp's 16 rows as
+// the mma.m16n8k16 A fragment) @ B (64 x 16)^T + (scale_d ? d : 0).
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4],
+                                                   uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+      "}\n"
+      : MIXLORA_F8(0), MIXLORA_F8(8), MIXLORA_F8(16), MIXLORA_F8(24)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+// d (64 x 32, fp32) = A (64 x 16, bf16 from registers) @ B (32 x 16)^T + (scale_d ? d : 0).
+__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4],
+                                                   uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"
+      "}\n"
+      : MIXLORA_F8(0), MIXLORA_F8(8)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float2 unpack_bf16x2(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
+__device__ __forceinline__ float silu_mul(float g, float u) {
+  return mixlora::cuda::activation_at<mixlora::kSilu, float>(mixlora::kSilu, g).a * u;
+}
+
+// The producer thread: for each of the CTA's tiles, its K steps into the stages, then its
+// epilogue operands into the epilogue buffer once the previous tile's epilogue released it.
+__device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensorMap* map_wgu,
+                                        const CUtensorMap* map_bgu, const CUtensorMap* map_ad,
+                                        uint32_t base, uint32_t epi, uint32_t full0,
+                                        uint32_t empty0, uint32_t epi_full, uint32_t epi_empty,
+                                        const Plan& plan, int k_steps) {
+  int it = 0, i = 0;
+  for (int item = blockIdx.x; item < plan.items; item += gridDim.x) {
+    const int m0 = (item % plan.m_blocks) * kTM, chunk = item / plan.m_blocks;
+    const int nt1 = min(plan.n_tiles, (chunk + 1) * plan.tiles_per_chunk);
+    for (int nt = chunk * plan.tiles_per_chunk; nt < nt1; ++nt, ++i) {
+      for (int ks = 0; ks < k_steps; ++ks, ++it) {
+        const int s = it % kStages;
+        mbar_wait(empty0 + 8 * s, (static_cast<uint32_t>(it / kStages) & 1u) ^ 1u);
+        const uint32_t sa = base + s * kStageBytes;
+        mbar_expect_tx(full0 + 8 * s, kStageBytes);
+        tma_load_2d(sa, map_x, full0 + 8 * s, ks * kBK, m0);
+        tma_load_2d(sa + kABytes, map_wgu, full0 + 8 * s, ks * kBK, nt * kTN);
+      }
+      mbar_wait(epi_empty, (static_cast<uint32_t>(i) & 1u) ^ 1u);
+      mbar_expect_tx(epi_full, kEpiBytes);
+      tma_load_2d(epi, map_bgu, epi_full, 0, nt * kTN);
+      tma_load_2d(epi + kBoxBytes, map_bgu, epi_full, kBK, nt * kTN);
+      tma_load_2d(epi + 2 * kBoxBytes, map_ad, epi_full, nt * kTI, 0);
+    }
+  }
+}
+
+// What the epilogue needs of the thread's two rows (r, r + 8) of a 64-row half.
+struct Rows {
+  int e[2][kPairs];    // [row][pair] experts
+  float w[2][kPairs];  // weights
+  int at[2];           // [row]: the row's first bf16 pair of zg / zu [T, 2, R] the thread reads
+};
+
+__device__ __forceinline__ void load_rows(Rows& rw, const int* __restrict__ ids,
+                                          const float* __restrict__ w, int row0, int q) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int t = row0 + 8 * r;
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) {
+      rw.e[r][j] = __ldg(ids + t * kPairs + j);
+      rw.w[r][j] = __ldg(w + t * kPairs + j);
+    }
+    rw.at[r] = t * kPairs * (kRank / 2) + q;
+  }
+}
+
+// The thread's A-fragment values of z [T, 2, R] for pairs 0 .. PAIR: [pair][row][ranks 2 q, 2 q
+// + 1 / 8 + 2 q, 9 + 2 q] as bf16 pairs.
+template <int PAIR>
+__device__ __forceinline__ void load_z(uint32_t (&z)[kPairs][2][2], const uint32_t* __restrict__ z32,
+                                       const Rows& rw) {
+#pragma unroll
+  for (int j = 0; j <= PAIR; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      z[j][r][0] = __ldg(z32 + rw.at[r] + j * (kRank / 2));
+      z[j][r][1] = __ldg(z32 + rw.at[r] + j * (kRank / 2) + 4);
+    }
+  }
+}
+
+// A fragment of expert kappa's 16 K columns: pair 0 gives z_0 where e_0 = kappa; pair 1 gives
+// z_1 where e_1 = kappa and -z_0 where e_0 = kappa (onto sums that already hold delta_0).
+template <int PAIR>
+__device__ __forceinline__ void masked_a(uint32_t (&a)[4], const uint32_t (&z)[kPairs][2][2],
+                                         const Rows& rw, int kappa) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t z0 = rw.e[r][0] == kappa ? z[0][r][half] ^ 0x80008000u * PAIR : 0u;
+      a[2 * half + r] = PAIR == 0 ? z0 : (rw.e[r][1] == kappa ? z[1][r][half] : z0);
+    }
+  }
+}
+
+// The sums d (64 rows x [64 of G | 64 of U]) += this pair's LoRA deltas (for pair 1: minus
+// pair 0's, which d holds).
+template <int PAIR>
+__device__ __forceinline__ void add_deltas(float (&d)[64], const Rows& rw, uint32_t epi,
+                                           const uint32_t* __restrict__ zg32,
+                                           const uint32_t* __restrict__ zu32) {
+  float(&dg)[32] = *reinterpret_cast<float(*)[32]>(&d[0]);
+  float(&du)[32] = *reinterpret_cast<float(*)[32]>(&d[32]);
+  uint32_t zg[kPairs][2][2], zu[kPairs][2][2];
+  load_z<PAIR>(zg, zg32, rw);
+  load_z<PAIR>(zu, zu32, rw);
+#pragma unroll
+  for (int kappa = 0; kappa < kExperts; ++kappa) {
+    uint32_t ag[4], au[4];
+    masked_a<PAIR>(ag, zg, rw, kappa);
+    masked_a<PAIR>(au, zu, rw, kappa);
+    // expert kappa's K columns: box kappa / 4, 16-column step kappa % 4 (32 bytes each)
+    const uint32_t box = epi + (kappa / 4) * kBoxBytes;
+    const uint64_t step = 2 * (kappa % 4);
+    fence_operands(d);
+    wgmma_fence();
+    wgmma_m64n64k16_rs(dg, ag, sw128_desc(box) + step, 1u);
+    wgmma_m64n64k16_rs(du, au, sw128_desc(box + 64 * kRowBytes) + step, 1u);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(d);
+  }
+}
+
+// zd (the thread's two rows' ranks 2 q, 2 q + 1, 8 + 2 q, 9 + 2 q of each row's expert, in
+// shared memory at zd[r * 8 rows * kZdRowWords]) += h @ Ad^T at the tile's 64 columns, h: 16 bf16
+// pairs, h[2 j + r] = row r, columns 8 j + 2 q, +1 (the A fragments of the product).
+__device__ __forceinline__ void add_zd(float* zd, const uint32_t (&h)[16], const int (&e)[2],
+                                       uint32_t ad) {
+  float sum[2][4];
+#pragma unroll
+  for (int gamma = 0; gamma < kExperts / 2; ++gamma) {  // experts 2 gamma, 2 gamma + 1
+    float t[16];
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < kTI / 16; ++s) {
+      const uint32_t a[4] = {h[4 * s], h[4 * s + 1], h[4 * s + 2], h[4 * s + 3]};
+      wgmma_m64n32k16_rs(t, a, sw128_desc(ad + 32 * gamma * kRowBytes) + 2 * s, s > 0 ? 1u : 0u);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(t);
+    // t's n8 block b: expert 2 gamma + b / 2, ranks 8 (b % 2) + 2 q, +1; t[4 b + 2 r + {0, 1}]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool lo = e[r] == 2 * gamma, hi = e[r] == 2 * gamma + 1;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int b = v / 2, c = v % 2;  // ranks block b (0: 2q.., 1: 8 + 2q..), element c
+        const float x = lo ? t[4 * b + 2 * r + c] : (hi ? t[4 * (b + 2) + 2 * r + c] : 0.f);
+        sum[r][v] = gamma == 0 ? x : sum[r][v] + x;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float2* lo = reinterpret_cast<float2*>(zd + r * 8 * kZdRowWords);
+    float2* hi = reinterpret_cast<float2*>(zd + r * 8 * kZdRowWords + 8);
+    const float2 a = *lo, b = *hi;
+    *lo = make_float2(a.x + sum[r][0], a.y + sum[r][1]);
+    *hi = make_float2(b.x + sum[r][2], b.y + sum[r][3]);
+  }
+}
+
+// One 64-row half of a tile: deltas, SwiGLU, combine, zd. d: [64 G | 64 U] of the half's rows.
+__device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const Rows& rw,
+                                              const uint32_t* __restrict__ zg32,
+                                              const uint32_t* __restrict__ zu32, uint32_t epi,
+                                              __nv_bfloat16* __restrict__ hbar_rows, int64_t ld,
+                                              int q) {
+  const uint32_t ad = epi + 2 * kBoxBytes;
+  const int e0[2] = {rw.e[0][0], rw.e[1][0]}, e1[2] = {rw.e[0][1], rw.e[1][1]};
+  uint32_t h[16];
+  add_deltas<0>(d, rw, epi, zg32, zu32);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      h[2 * j + r] = bf16x2(silu_mul(d[4 * j + 2 * r], d[32 + 4 * j + 2 * r]),
+                            silu_mul(d[4 * j + 2 * r + 1], d[32 + 4 * j + 2 * r + 1]));
+    }
+  }
+  add_zd(zd, h, e0, ad);
+  add_deltas<1>(d, rw, epi, zg32, zu32);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 h0 = unpack_bf16x2(h[2 * j + r]);
+      const float a = silu_mul(d[4 * j + 2 * r], d[32 + 4 * j + 2 * r]);
+      const float b = silu_mul(d[4 * j + 2 * r + 1], d[32 + 4 * j + 2 * r + 1]);
+      const float w0 = rw.w[r][0], w1 = rw.w[r][1];
+      *reinterpret_cast<uint32_t*>(hbar_rows + 8 * r * ld + 8 * j + 2 * q) =
+          bf16x2(fmaf(w1, a, w0 * h0.x), fmaf(w1, b, w0 * h0.y));
+      h[2 * j + r] = bf16x2(a, b);
+    }
+  }
+  add_zd(zd + kRank, h, e1, ad);
+}
+
+#endif  // sm_90a
+
+__global__ void __launch_bounds__(kThreads, 1)
+    fused_gu_kernel(const __grid_constant__ CUtensorMap map_x,
+                    const __grid_constant__ CUtensorMap map_wgu,
+                    const __grid_constant__ CUtensorMap map_bgu,
+                    const __grid_constant__ CUtensorMap map_ad,
+                    const __nv_bfloat16* __restrict__ zg, const __nv_bfloat16* __restrict__ zu,
+                    const int* __restrict__ ids, const float* __restrict__ w,
+                    __nv_bfloat16* __restrict__ hbar, float* __restrict__ zd_part, int T, int H,
+                    int I, int plan_ctas) {
+#ifdef MIXLORA_PROTO_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t epi = base + kStages * kStageBytes;
+  const uint32_t zd_buf = epi + kEpiBytes;  // the two consumer warpgroups' zd sums
+  const uint32_t full0 = zd_buf + 2 * kZdBytes, empty0 = full0 + 8 * kStages;
+  const uint32_t epi_full = empty0 + 8 * kStages, epi_empty = epi_full + 8;
+  const uint32_t turn0 = epi_empty + 8;  // turn[w] at turn0 + 8 w
+  const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
+  const Plan plan = make_plan(T, I, plan_ctas);  // the launcher's: gridDim.x may be fewer
+  const int k_steps = H / kBK;
+  if (threadIdx.x == 0) {
+    init_stage_barriers(full0, empty0, kStages, 4);  // "empty": the 4 warps of the tile's owner
+    mbar_init(epi_full, 1);
+    mbar_init(epi_empty, 4);
+    mbar_init(turn0, 4);
+    mbar_init(turn0 + 8, 4);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (wg == 0) {  // the producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid == 0) {
+      produce(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0, empty0, epi_full, epi_empty,
+              plan, k_steps);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+
+  const int own = wg - 1;  // this warpgroup's tiles: the CTA's i-th with i % 2 == own
+  const int warp = tid / 32, lane = tid % 32, q = lane % 4;
+  float* zd_mine = reinterpret_cast<float*>(smem_raw + (zd_buf - smem_u32(smem_raw))) +
+                   own * (kZdBytes / 4) + (warp * 16 + lane / 4) * kZdRowWords + 2 * q;
+  const uint32_t* zg32 = reinterpret_cast<const uint32_t*>(zg);
+  const uint32_t* zu32 = reinterpret_cast<const uint32_t*>(zu);
+  float d0[64], d1[64];
+#pragma unroll
+  for (int v = 0; v < 64; ++v) d0[v] = d1[v] = 0.f;
+  int i = 0, turns = 0;
+  for (int item = blockIdx.x; item < plan.items; item += gridDim.x) {
+    const int m0 = (item % plan.m_blocks) * kTM, chunk = item / plan.m_blocks;
+    const int nt1 = min(plan.n_tiles, (chunk + 1) * plan.tiles_per_chunk);
+    // the thread's entries of this warpgroup's zd sums: rows 16 warp + lane / 4 (+ 8, + 64,
+    // + 72), ranks 2 q, 2 q + 1, 8 + 2 q, 9 + 2 q of both pairs; no other thread touches them
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+          float* z = zd_mine + (64 * half + 8 * r) * kZdRowWords + j * kRank;
+          *reinterpret_cast<float2*>(z) = make_float2(0.f, 0.f);
+          *reinterpret_cast<float2*>(z + 8) = make_float2(0.f, 0.f);
+        }
+      }
+    }
+    for (int nt = chunk * plan.tiles_per_chunk; nt < nt1; ++nt, ++i) {
+      if (i % 2 != own) continue;
+      if (i > 0) {  // the CTA's tile i - 1 (the other warpgroup's) has had all it waits for
+        mbar_wait(turn0 + 8 * own, static_cast<uint32_t>(turns) & 1u);
+        ++turns;
+      }
+      int it = i * k_steps, previous = -1;
+      for (int ks = 0; ks < k_steps; ++ks, ++it) {
+        const int s = it % kStages;
+        mbar_wait(full0 + 8 * s, static_cast<uint32_t>(it / kStages) & 1u);
+        const uint32_t sa = base + s * kStageBytes;
+        const uint64_t desc_a0 = sw128_desc(sa), desc_a1 = sw128_desc(sa + 64 * kRowBytes);
+        const uint64_t desc_b = sw128_desc(sa + kABytes);
+        fence_operands(d0);
+        fence_operands(d1);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kBK / 16; ++k) {
+          const uint32_t accumulate = (ks > 0 || k > 0) ? 1u : 0u;
+          wgmma_m64n128k16(d0, desc_a0 + 2 * k, desc_b + 2 * k, accumulate);
+          wgmma_m64n128k16(d1, desc_a1 + 2 * k, desc_b + 2 * k, accumulate);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(d0);
+        fence_operands(d1);
+        if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+        previous = s;
+      }
+      mbar_wait(epi_full, static_cast<uint32_t>(i) & 1u);
+      if (lane == 0) mbar_arrive(turn0 + 8 * (1 - own));  // the other's next tile may start
+      wgmma_wait<0>();
+      fence_operands(d0);
+      fence_operands(d1);
+      if (lane == 0) mbar_arrive(empty0 + 8 * previous);
+
+      const int row = m0 + warp * 16 + lane / 4;  // the thread's first row in half 0
+      __nv_bfloat16* hbar_rows = hbar + static_cast<int64_t>(row) * I + nt * kTI;
+      // G and U rounded to bf16 as the library's GEMMs write them (moe_swiglu adds the deltas
+      // to those); the second half waits as bf16 pairs, 32 registers instead of 64.
+      uint32_t wait1[32];
+#pragma unroll
+      for (int v = 0; v < 32; ++v) {
+        wait1[v] = bf16x2(d1[2 * v], d1[2 * v + 1]);
+        const float2 r = unpack_bf16x2(bf16x2(d0[2 * v], d0[2 * v + 1]));
+        d0[2 * v] = r.x;
+        d0[2 * v + 1] = r.y;
+      }
+      Rows rw;
+      load_rows(rw, ids, w, row, q);
+      epilogue_half(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
+#pragma unroll
+      for (int v = 0; v < 32; ++v) {
+        const float2 r = unpack_bf16x2(wait1[v]);
+        d1[2 * v] = r.x;
+        d1[2 * v + 1] = r.y;
+      }
+      load_rows(rw, ids, w, row + 64, q);
+      epilogue_half(d1, zd_mine + 64 * kZdRowWords, rw, zg32, zu32, epi,
+                    hbar_rows + static_cast<int64_t>(64) * I, I, q);
+      if (lane == 0) mbar_arrive(epi_empty);  // its MMAs have completed (each waited for)
+    }
+    // this warpgroup's partial of the item: zd_part[2 chunk + own] at the block's rows
+    float* part = zd_part + (static_cast<int64_t>(2 * chunk + own) * T) * kPairs * kRank;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int t = m0 + 64 * half + warp * 16 + lane / 4 + 8 * r;
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+          const float* z = zd_mine + (64 * half + 8 * r) * kZdRowWords + j * kRank;
+          float* out = part + (static_cast<int64_t>(t) * kPairs + j) * kRank + 2 * q;
+          *reinterpret_cast<float2*>(out) = *reinterpret_cast<const float2*>(z);
+          *reinterpret_cast<float2*>(out + 8) = *reinterpret_cast<const float2*>(z + 8);
+        }
+      }
+    }
+  }
+#else
+  (void)zg, (void)zu, (void)ids, (void)w, (void)hbar, (void)zd_part, (void)T, (void)H, (void)I, (void)plan_ctas;
+  __trap();  // built without sm_90a
+#endif
+}
+
+}  // namespace
+
+// The number of zd partials a launch with at most max_ctas CTAs (<= 0: one per SM) writes
+// (zd_part's first dimension), or -1 for a shape the prototype does not take.
+extern "C" int fused_gu_partials(int T, int I, int max_ctas) {
+  if (T <= 0 || I <= 0 || T % kTM != 0 || I % kTI != 0) return -1;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return -1;
+  }
+  const int ctas = max_ctas > 0 ? max_ctas : sms;
+  return 2 * make_plan(T, I, ctas).n_chunks;
+}
+
+// hbar [T, I] and zd_part [P, T, 2, 16] (P = fused_gu_partials) from x [T, H], wgu [2 I, H]
+// (Wg / Wu rows interleaved in blocks of 64), bgu [2 I, E R] (Bg / Bu interleaved the same way,
+// expert-major columns), ad [E R, I], zg / zu [T, 2, 16] (s-scaled, bf16), ids [T, 2] int32 and
+// w [T, 2] fp32, on `stream`. Returns 0, or 1 a shape or alignment it does not take, 2 no
+// cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else the launch's CUDA error.
+extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const void* bgu,
+                                        const void* ad, const void* zg, const void* zu,
+                                        const void* ids, const void* w, void* hbar, void* zd_part,
+                                        int T, int H, int I, void* stream, int max_ctas) {
+  if (T <= 0 || H <= 0 || I <= 0 || T % kTM != 0 || H % kBK != 0 || I % kTI != 0) return 1;
+  const uintptr_t all = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(wgu) |
+                        reinterpret_cast<uintptr_t>(bgu) | reinterpret_cast<uintptr_t>(ad) |
+                        reinterpret_cast<uintptr_t>(zg) | reinterpret_cast<uintptr_t>(zu) |
+                        reinterpret_cast<uintptr_t>(ids) | reinterpret_cast<uintptr_t>(w) |
+                        reinterpret_cast<uintptr_t>(hbar) | reinterpret_cast<uintptr_t>(zd_part);
+  if (all % 16 != 0) return 1;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return 2;
+  CUtensorMap map_x{}, map_wgu{}, map_bgu{}, map_ad{};
+  if (make_map(&map_x, encode, x, T, H, kTM) != CUDA_SUCCESS ||
+      make_map(&map_wgu, encode, wgu, 2 * I, H, kTN) != CUDA_SUCCESS ||
+      make_map(&map_bgu, encode, bgu, 2 * I, kER, kTN) != CUDA_SUCCESS ||
+      make_map(&map_ad, encode, ad, kER, I, kER) != CUDA_SUCCESS) {
+    return 3;
+  }
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(fused_gu_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kSmemBytes);
+  }
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int ctas = max_ctas > 0 ? max_ctas : sms;
+  const Plan plan = make_plan(T, I, ctas);
+  const int grid = ctas < plan.items ? ctas : plan.items;
+  fused_gu_kernel<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+      map_x, map_wgu, map_bgu, map_ad, static_cast<const __nv_bfloat16*>(zg),
+      static_cast<const __nv_bfloat16*>(zu), static_cast<const int*>(ids),
+      static_cast<const float*>(w), static_cast<__nv_bfloat16*>(hbar),
+      static_cast<float*>(zd_part), T, H, I, ctas);
+  return static_cast<int>(cudaGetLastError());
+}

@@ -1,0 +1,56 @@
+"""bench/fused_gu_wgmma_proto.py on the CPU: the v17 kernel's decomposition (work items, tiles,
+the warpgroups' alternation and zd partials, the pair-1 deltas as (Z_1 - Z_0) onto sums holding
+delta_0, the roundings) against the fp32 reference, and the layouts its operands take. The kernel
+itself needs a Hopper GPU (the script's device mode)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+import fused_gu_wgmma_proto as v17  # noqa: E402  (bench/fused_gu_wgmma_proto.py)
+
+
+@pytest.mark.parametrize("T,H,I,ctas", v17.CHECK_SHAPES[:3])
+def test_emulation_matches_reference(T, H, I, ctas):
+    p = v17.Problem(T, H, I, "cpu")
+    hbar, part, written = v17.emulate(v17.prepare(p), ctas)
+    err = v17.errors(hbar, part.sum(0), *v17.reference(p))
+    assert err["hbar"] <= v17.BOUND and err["zd"] <= v17.BOUND, err
+    m_blocks, n_tiles, n_chunks, per_chunk, items = v17.plan(T, I, ctas)
+    assert part.shape[0] == 2 * n_chunks and not torch.isnan(part).any()
+    assert sorted(written) == [(item, own) for item in range(items) for own in range(2)]
+
+
+def test_emulation_sees_a_wrong_layout():
+    p = v17.Problem(128, 64, 128, "cpu")
+    op = v17.prepare(p)
+    ref = v17.reference(p)
+    op["wgu"] = op["wgu"].view(-1, 2, 64, 64).flip(1).reshape(-1, 64)  # G and U blocks swapped
+    hbar, part, _ = v17.emulate(op, 1)
+    assert v17.errors(hbar, part.sum(0), *ref)["hbar"] > 0.1
+
+
+def test_interleaved_layouts():
+    p = v17.Problem(128, 64, 192, "cpu")
+    op = v17.prepare(p)
+    for c in range(192 // 64):
+        assert torch.equal(op["wgu"][128 * c:128 * c + 64], p.Wg[64 * c:64 * c + 64])
+        assert torch.equal(op["wgu"][128 * c + 64:128 * c + 128], p.Wu[64 * c:64 * c + 64])
+        e, col, q = 5, 64 * c + 3, 7
+        assert op["bgu"][128 * c + 3, e * v17.R + q] == p.Bg[e, col, q]
+        assert op["bgu"][128 * c + 64 + 3, e * v17.R + q] == p.Bu[e, col, q]
+    assert torch.equal(op["ad"][5 * v17.R + 7], p.Ad[5, 7])
+
+
+@pytest.mark.parametrize("T,I,want", [(4096, 11008, (32, 172, 4, 43, 128)),
+                                      (16384, 11008, (128, 172, 1, 172, 128)),
+                                      (4096, 5632, (32, 88, 4, 22, 128))])
+def test_plan_at_listed_shapes(T, I, want):
+    got = v17.plan(T, I, 132)  # the H100's SMs
+    assert got == want
+    m_blocks, n_tiles, n_chunks, per_chunk, items = got
+    tiles = [nt for chunk in range(n_chunks)
+             for nt in range(chunk * per_chunk, min(n_tiles, (chunk + 1) * per_chunk))]
+    assert tiles == list(range(n_tiles)) and items <= 132
