@@ -16,7 +16,7 @@
 // interleaved in blocks of 64 (rows 128 n .. 128 n + 63 = Wg's 64 n .., the next 64 = Wu's), so
 // a tile holds G and U at the same 64 columns of I: in a thread's accumulators the n8 blocks j
 // and j + 8 are G and U at the same (row, column). Warpgroup 0's first thread is the producer
-// (5 stages of x 128 x 64 and Wgu 128 x 64, then the tile's epilogue operands: Bgu, Wgu's
+// (4 stages of x 128 x 64 and Wgu 128 x 64, then the tile's epilogue operands: Bgu, Wgu's
 // interleave of [Bg | Bu] over all experts, [128 columns, E R] in two boxes, and Ad's [E R, 64
 // columns] into one 48 KiB buffer). Consumer warpgroups 1 and 2 take the CTA's tiles in turn,
 // as v16's variant 1: while one runs its epilogue, the other's main loop keeps the tensor cores

@@ -1,7 +1,8 @@
 """The bench scripts, on the CPU: bench/timing.py's interleaved_medians (warm-up and
 alternation); one row of bench/run.py's bench_shape (every time present, the ratios those times
-give); the barrier protocol of bench/wgmma_gemm_proto.cu under random interleavings
-(bench/wgmma_protocol_sim.py), and that simulation catching faults planted in it."""
+give); the barrier protocols of bench/wgmma_gemm_proto.cu and bench/fused_gu_wgmma_proto.cu under
+random interleavings (bench/wgmma_protocol_sim.py), and that simulation catching faults planted in
+it."""
 import os
 import sys
 
@@ -42,12 +43,29 @@ def test_bench_shape_row_on_cpu():
 
 
 def test_wgmma_protocol_holds_under_random_interleavings():
-    """Both variants' protocol: 100 random shapes and interleavings each."""
-    assert sim.run(100) == 200
+    """The three variants' protocols: 100 random shapes and interleavings each."""
+    assert sim.run(100) == 300
 
 
-@pytest.mark.parametrize("fault", ["no_turn", "release_early", "empty_parity"])
-def test_wgmma_protocol_sim_catches_planted_faults(fault):
-    variants = (sim.PINGPONG,) if fault == "no_turn" else (sim.COOPERATIVE, sim.PINGPONG)
-    with pytest.raises(AssertionError):
-        sim.run(300, fault=fault, variants=variants)
+def test_fused_plan_mirrors_the_kernel():
+    """make_plan as bench/fused_gu_wgmma_proto.cu's: 2 token blocks, 5 tiles, over 132 / 4 / 1 CTAs."""
+    p = sim.make_plan(256, 320, 132)
+    assert (p.m_blocks, p.n_tiles, p.n_chunks, p.tiles_per_chunk, p.items) == (2, 5, 5, 1, 10)
+    p = sim.make_plan(256, 320, 4)
+    assert (p.n_chunks, p.tiles_per_chunk, p.items) == (2, 3, 4)
+    assert [list(p.item(j)[2]) for j in range(p.items)] == [[0, 1, 2], [0, 1, 2], [3, 4], [3, 4]]
+    p = sim.make_plan(384, 128, 1)
+    assert (p.n_chunks, p.tiles_per_chunk, p.items) == (1, 2, 3)
+
+
+# what variant 2's faults show up as: a stale read of the epilogue buffer (the turn handed over
+# before the "full" wait: the other warpgroup's wait passes on the phase still open), a copy
+# landing in it under the epilogue (or the epilogue reading the next tile's operands)
+CAUGHT_AS = {"turn_before_epi": "epilogue of tile .* reads the buffer holding",
+             "epi_release_early": "the buffer"}
+
+
+@pytest.mark.parametrize("fault,variant", [(f, v) for f, vs in sim.FAULTS.items() for v in vs])
+def test_wgmma_protocol_sim_catches_planted_faults(fault, variant):
+    with pytest.raises(sim.Violation, match=CAUGHT_AS.get(fault)):
+        sim.run(300, fault=fault, variants=(variant,))
