@@ -24,6 +24,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -176,20 +177,36 @@ BOUND = 2.0 ** -6  # 4 bf16 ulps of the largest value: the kernel rounds G, U, h
 # ------------------------------------------------------------------------------------------------
 # the device kernel
 # ------------------------------------------------------------------------------------------------
+NVCC = ["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v",
+        "-I", os.path.join(HERE, "..", "csrc"), os.path.join(HERE, "fused_gu_wgmma_proto.cu")]
+
+
+def ptxas_report(stderr):
+    """What ptxas -v said of the kernel: spill bytes, and its warnings that every wgmma of the
+    kernel is serialized (C7511 for registers, C7515 for accumulators written between wgmma):
+    under either the main loop loses its overlap and no timing measures the design."""
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", stderr)]
+    return dict(spill_store_bytes=max(spills, default=0),
+                serialized=sorted(set(re.findall(r"\((C751\d)\)", stderr))))
+
+
 def build(out_dir):
     lib = os.path.join(out_dir, "fused_gu_wgmma_proto.so")
-    cmd = ["nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC",
-           "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas", "-v", "-I", os.path.join(HERE, "..", "csrc"),
-           os.path.join(HERE, "fused_gu_wgmma_proto.cu"), "-o", lib]
+    cmd = NVCC + ["-shared", "-Xcompiler", "-fPIC", "-o", lib]
     done = subprocess.run(cmd, capture_output=True, text=True)
     print(done.stderr.strip()[-2000:], file=sys.stderr)
     if done.returncode != 0:
         raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
+    report = ptxas_report(done.stderr)
+    print(f"ptxas: {json.dumps(report)}", flush=True)
+    if report["serialized"]:
+        print("WARNING: ptxas serialized the kernel's wgmma: timings below are not the design's", flush=True)
     so = ctypes.CDLL(lib)
     so.fused_gu_partials.argtypes = [ctypes.c_int] * 3
     so.fused_gu_partials.restype = ctypes.c_int
     so.fused_gu_moe_swiglu_bf16.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int]
     so.fused_gu_moe_swiglu_bf16.restype = ctypes.c_int
+    so.ptxas = report
     return so
 
 
@@ -323,8 +340,8 @@ def main():
         rows = [time_shape(so, *s, a.reps) for s in TIME_SHAPES] if ok else []
         if not ok:
             print("wrong results: no timings", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, checks=checks, rows=rows,
-                  command=" ".join(sys.argv))
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ptxas=so.ptxas,
+                  checks=checks, rows=rows, command=" ".join(sys.argv))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,8 +1,11 @@
 """bench/fused_gu_wgmma_proto.py on the CPU: the v17 kernel's decomposition (work items, tiles,
 the warpgroups' alternation and zd partials, the pair-1 deltas as (Z_1 - Z_0) onto sums holding
-delta_0, the roundings) against the fp32 reference, and the layouts its operands take. The kernel
-itself needs a Hopper GPU (the script's device mode)."""
+delta_0, the roundings) against the fp32 reference, and the layouts its operands take; where nvcc
+is, what ptxas makes of v16's and v17's kernels (no serialized wgmma, spills held). The kernels
+themselves need a Hopper GPU (the script's device mode)."""
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -54,3 +57,26 @@ def test_plan_at_listed_shapes(T, I, want):
     tiles = [nt for chunk in range(n_chunks)
              for nt in range(chunk * per_chunk, min(n_tiles, (chunk + 1) * per_chunk))]
     assert tiles == list(range(n_tiles)) and items <= 132
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_ptxas_keeps_the_wgmma_pipelined(tmp_path):
+    """v17's registers are tight (bench/NOTES.md v17): a change that tips ptxas into serializing
+    every wgmma (C7511 / C7515, the main loop's too) fails here, on any machine with nvcc."""
+    done = subprocess.run(v17.NVCC + ["-cubin", "-o", str(tmp_path / "v17.cubin")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = v17.ptxas_report(done.stderr)
+    assert report["serialized"] == [], report
+    assert report["spill_store_bytes"] <= 256, report  # 190 as of v17
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_ptxas_v16_gemm_has_no_spills(tmp_path):
+    """v16's GEMM (bench/wgmma_gemm_proto.cu), which v17 builds on: no spills, no serialized wgmma."""
+    here = os.path.dirname(v17.__file__)
+    cmd = [a for a in v17.NVCC if not a.endswith("fused_gu_wgmma_proto.cu")]
+    done = subprocess.run(cmd + [os.path.join(here, "wgmma_gemm_proto.cu"), "-cubin",
+                                 "-o", str(tmp_path / "v16.cubin")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert v17.ptxas_report(done.stderr) == dict(spill_store_bytes=0, serialized=[])
