@@ -20,7 +20,12 @@
 // (two m64n128k16 a K step, 128 accumulators a thread), the producer filling 6 stages of 32 KiB
 // in tile order: while one warpgroup stores a tile, the other's MMAs run on the next, so the
 // epilogue (where the MoE SwiGLU would go) overlaps the tensor cores' work.
-// Shapes: M % 128 == 0, N % 256 == 0, K % 64 == 0, 16-byte aligned rows (the launcher checks).
+//
+// Variant 2 ("ping-pong in 2-CTA clusters"): variant 1 with the CTAs in pairs that take two
+// neighbouring 128-row blocks at the same columns in lockstep, each producer copying its own A
+// rows and half of the B rows multicast into both CTAs: 24 KiB a stage from L2 instead of 32.
+// Shapes (the launcher checks): K % 64 == 0, 16-byte aligned rows, and M % 128, N % 256 (variant
+// 0), M % 128, N % 128 (1), M % 256, N % 128 (2).
 #include "wgmma_common.cuh"
 
 namespace {
@@ -42,6 +47,12 @@ constexpr int kPpABytes = kPpBM * kRowBytes;   // 16 KiB
 constexpr int kPpStageBytes = kPpABytes + kPpBN * kRowBytes;  // 32 KiB
 [[maybe_unused]] constexpr uint32_t kPpEmptyArrivals = 4;  // the warps of the tile's warpgroup
 constexpr int kPpSmemBytes = 1024 + kPpStages * kPpStageBytes + (2 * kPpStages + 2) * 8;
+
+// Variant 2 (ping-pong in 2-CTA clusters): variant 1's tiles, stages and shared memory; a stage's
+// "empty" barrier takes the tile owner's 4 warps of both CTAs (either producer refills it in both).
+[[maybe_unused]] constexpr uint32_t kMcEmptyArrivals = 8;
+// the B rows (64 of the tile's 128) a producer multicasts: 8 KiB
+[[maybe_unused]] constexpr int kMcHalfBytes = kPpBN / 2 * kRowBytes;
 
 #ifdef MIXLORA_PROTO_SM90A
 
@@ -88,6 +99,32 @@ __device__ __forceinline__ void produce(const CUtensorMap* map_a, const CUtensor
       mbar_expect_tx(full0 + 8 * s, stage_bytes);
       tma_load_2d(sa, map_a, full0 + 8 * s, ks * kBK, m0);
       tma_load_2d(sa + a_bytes, map_b, full0 + 8 * s, ks * kBK, n0);
+    }
+  }
+}
+
+// Variant 2's producer: the CTA's tiles in its cluster's order (pair tile pt: rows of block
+// 2 (pt % m_pairs) + rank, columns (pt / m_pairs) 128); per K step, once both CTAs' owners have
+// released the stage, its own A rows (128 x 64) and half the B rows (64 x 64: the rank's), those
+// multicast into the same stage of both CTAs. Each CTA's "full" barrier expects the stage's 32
+// KiB: its A, its half of B and the other producer's half.
+__device__ __forceinline__ void produce_multicast(const CUtensorMap* map_a,
+                                                  const CUtensorMap* map_b_half, uint32_t base,
+                                                  uint32_t full0, uint32_t empty0, uint32_t rank,
+                                                  int m_pairs, int pair_tiles, int k_steps) {
+  const int cluster = static_cast<int>(blockIdx.x) / 2, clusters = static_cast<int>(gridDim.x) / 2;
+  int it = 0;
+  for (int pt = cluster; pt < pair_tiles; pt += clusters) {
+    const int m0 = ((pt % m_pairs) * 2 + static_cast<int>(rank)) * kPpBM;
+    const int n0 = (pt / m_pairs) * kPpBN;
+    for (int ks = 0; ks < k_steps; ++ks, ++it) {
+      const int s = it % kPpStages;
+      mbar_wait_cluster(empty0 + 8 * s, (static_cast<uint32_t>(it / kPpStages) & 1u) ^ 1u);
+      const uint32_t sa = base + s * kPpStageBytes;
+      mbar_expect_tx(full0 + 8 * s, kPpStageBytes);
+      tma_load_2d(sa, map_a, full0 + 8 * s, ks * kBK, m0);
+      tma_load_2d_multicast(sa + kPpABytes + rank * kMcHalfBytes, map_b_half, full0 + 8 * s,
+                            ks * kBK, n0 + static_cast<int>(rank) * (kPpBN / 2), 0x3);
     }
   }
 }
@@ -237,29 +274,128 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
+// Variant 2: variant 1 launched in clusters of 2 CTAs that take the tiles of two neighbouring
+// 128-row blocks at the same 128 columns in lockstep, each producer copying its own A rows and
+// half of the B rows multicast into both CTAs: 24 KiB a stage read from L2 per CTA, not 32, against
+// the ~12.5 TB/s 128 x 128 tiles would ask of L2 at 800 TFLOP/s (bench/NOTES.md v17). A consumer
+// warp releases a stage on its own CTA's "empty" barrier and the other CTA's; the clusters sync
+// after the barriers' init (no copy or arrival before them) and before exit (none after).
+__global__ void __launch_bounds__(kThreads, 1)
+    wgmma_gemm_multicast_kernel(const __grid_constant__ CUtensorMap map_a,
+                                const __grid_constant__ CUtensorMap map_b_half,
+                                __nv_bfloat16* __restrict__ c, int M, int N, int K) {
+#ifdef MIXLORA_PROTO_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t full0 = base + kPpStages * kPpStageBytes;
+  const uint32_t empty0 = full0 + kPpStages * 8;
+  const uint32_t turn0 = empty0 + kPpStages * 8;  // turn[w] at turn0 + 8 w
+  const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
+  const uint32_t rank = cluster_rank(), peer = rank ^ 1u;
+  const int m_pairs = M / (2 * kPpBM), pair_tiles = m_pairs * (N / kPpBN), k_steps = K / kBK;
+  if (threadIdx.x == 0) {
+    init_stage_barriers(full0, empty0, kPpStages, kMcEmptyArrivals);
+    mbar_init(turn0, 4);
+    mbar_init(turn0 + 8, 4);
+  }
+  cluster_sync();
+  if (wg == 0) {
+    if (tid == 0) {
+      produce_multicast(&map_a, &map_b_half, base, full0, empty0, rank, m_pairs, pair_tiles,
+                        k_steps);
+    }
+  } else {
+    const int own = wg - 1;
+    const int warp = tid / 32, lane = tid % 32;
+    const int cluster = static_cast<int>(blockIdx.x) / 2;
+    const int clusters = static_cast<int>(gridDim.x) / 2;
+    // a stage's "empty" barrier in this CTA and in the other, as shared::cluster addresses
+    const uint32_t empty_here = cluster_address(empty0, rank);
+    const uint32_t empty_peer = cluster_address(empty0, peer);
+    float d0[64], d1[64];
+#pragma unroll
+    for (int v = 0; v < 64; ++v) d0[v] = d1[v] = 0.f;
+    int i = own, turns = 0;
+    for (int pt = cluster + own * clusters; pt < pair_tiles; pt += 2 * clusters, i += 2) {
+      const int m0 = ((pt % m_pairs) * 2 + static_cast<int>(rank)) * kPpBM;
+      const int n0 = (pt / m_pairs) * kPpBN;
+      if (i > 0) {
+        mbar_wait(turn0 + 8 * own, static_cast<uint32_t>(turns) & 1u);
+        ++turns;
+      }
+      int it = i * k_steps, previous = -1;
+      for (int ks = 0; ks < k_steps; ++ks, ++it) {
+        const int s = it % kPpStages;
+        mbar_wait(full0 + 8 * s, static_cast<uint32_t>(it / kPpStages) & 1u);
+        const uint32_t sa = base + s * kPpStageBytes;
+        const uint64_t desc_a0 = sw128_desc(sa), desc_a1 = sw128_desc(sa + 64 * kRowBytes);
+        const uint64_t desc_b = sw128_desc(sa + kPpABytes);
+        fence_operands(d0);
+        fence_operands(d1);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kBK / 16; ++k) {
+          const uint32_t accumulate = (ks > 0 || k > 0) ? 1u : 0u;
+          wgmma_m64n128k16(d0, desc_a0 + 2 * k, desc_b + 2 * k, accumulate);
+          wgmma_m64n128k16(d1, desc_a1 + 2 * k, desc_b + 2 * k, accumulate);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(d0);
+        fence_operands(d1);
+        if (previous >= 0 && lane == 0) {
+          mbar_arrive_cluster(empty_here + 8 * previous);
+          mbar_arrive_cluster(empty_peer + 8 * previous);
+        }
+        previous = s;
+      }
+      if (lane == 0) mbar_arrive(turn0 + 8 * (1 - own));
+      wgmma_wait<0>();
+      fence_operands(d0);
+      fence_operands(d1);
+      if (previous >= 0 && lane == 0) {
+        mbar_arrive_cluster(empty_here + 8 * previous);
+        mbar_arrive_cluster(empty_peer + 8 * previous);
+      }
+      __nv_bfloat16* tile_c = c + static_cast<int64_t>(m0) * N + n0;
+      store_accumulators<kPpBN / 8>(d0, tile_c, N, warp, lane);
+      store_accumulators<kPpBN / 8>(d1, tile_c + static_cast<int64_t>(64) * N, N, warp, lane);
+    }
+  }
+  cluster_sync();  // the other CTA's arrivals on this one's barriers are all in
+#else
+  (void)M, (void)N, (void)K, (void)c;
+  __trap();  // built without sm_90a
+#endif
+}
+
 }  // namespace
 
-// C = A @ B^T on `stream` by variant 0 (cooperative) or 1 (ping-pong), with at most `max_ctas`
-// CTAs (<= 0: one per SM). Returns 0, or a nonzero code: 1 a shape, alignment or variant this
-// prototype does not take, 2 no cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else
-// the CUDA error of the launch.
+// C = A @ B^T on `stream` by variant 0 (cooperative: M % 128, N % 256), 1 (ping-pong: M % 128,
+// N % 128) or 2 (ping-pong in 2-CTA clusters: M % 256, N % 128), K % 64, with at most `max_ctas`
+// CTAs (<= 0: one per SM; variant 2 an even number). Returns 0, or a nonzero code: 1 a shape,
+// alignment or variant this prototype does not take, 2 no cuTensorMapEncodeTiled, 3 a tensor map
+// the driver refused, else the CUDA error of the launch.
 extern "C" int wgmma_gemm_bf16(const void* a, const void* b, void* c, int M, int N, int K,
                                void* stream, int max_ctas, int variant) {
-  if (M <= 0 || N <= 0 || K <= 0 || M % kBM != 0 || N % kBN != 0 || K % kBK != 0) return 1;
+  if (variant < 0 || variant > 2) return 1;
+  const int bm = variant == 0 ? kBM : kPpBM, bn = variant == 0 ? kBN : kPpBN;
+  const int m_unit = variant == 2 ? 2 * bm : bm;  // variant 2: a cluster's two row blocks
+  if (M <= 0 || N <= 0 || K <= 0 || M % m_unit != 0 || N % bn != 0 || K % kBK != 0) return 1;
   if ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) |
        reinterpret_cast<uintptr_t>(c)) % 16 != 0) {
     return 1;
   }
-  if (variant != 0 && variant != 1) return 1;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return 2;
-  const bool pingpong = variant == 1;
-  const int bm = pingpong ? kPpBM : kBM, bn = pingpong ? kPpBN : kBN;
-  const int smem = pingpong ? kPpSmemBytes : kSmemBytes;
-  const auto kernel = pingpong ? wgmma_gemm_pingpong_kernel : wgmma_gemm_kernel;
+  const int smem = variant == 0 ? kSmemBytes : kPpSmemBytes;
+  const auto kernel = variant == 0   ? wgmma_gemm_kernel
+                      : variant == 1 ? wgmma_gemm_pingpong_kernel
+                                     : wgmma_gemm_multicast_kernel;
   CUtensorMap map_a{}, map_b{};
   if (make_map(&map_a, encode, a, M, K, bm) != CUDA_SUCCESS) return 3;
-  if (make_map(&map_b, encode, b, N, K, bn) != CUDA_SUCCESS) return 3;
+  // variant 2's producers each copy half of a tile's B rows
+  if (make_map(&map_b, encode, b, N, K, variant == 2 ? bn / 2 : bn) != CUDA_SUCCESS) return 3;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -268,7 +404,22 @@ extern "C" int wgmma_gemm_bf16(const void* a, const void* b, void* c, int M, int
   const int tiles = (M / bm) * (N / bn);
   int grid = max_ctas > 0 ? max_ctas : sms;
   grid = grid < tiles ? grid : tiles;
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-      map_a, map_b, static_cast<__nv_bfloat16*>(c), M, N, K);
-  return static_cast<int>(cudaGetLastError());
+  if (variant == 2) grid &= ~1;  // whole clusters (tiles is even: M % 256)
+  if (grid <= 0) return 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute cluster[1]{};
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = 2;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  if (variant == 2) {
+    config.attrs = cluster;
+    config.numAttrs = 1;
+  }
+  err = cudaLaunchKernelEx(&config, kernel, map_a, map_b, static_cast<__nv_bfloat16*>(c), M, N, K);
+  return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }

@@ -4,7 +4,8 @@ within ~5% of cuBLAS before a MoE SwiGLU epilogue is worth writing into it.
 
 Builds the .cu with nvcc into a shared library (sm_90a), calls it through ctypes, and for each
 shape C [M, N] = A [M, K] @ B [N, K]^T (bf16, fp32 sums) and each variant (0: cooperative,
-128 x 256 tiles; 1: ping-pong, 128 x 128 tiles a warpgroup in turn): checks C against the fp32
+128 x 256 tiles; 1: ping-pong, 128 x 128 tiles a warpgroup in turn; 2: variant 1 in 2-CTA
+clusters sharing each B tile by multicast, for L2's sake): checks C against the fp32
 product (error at most 2x cuBLAS's own bf16 error plus a bf16 ulp of the largest |C|, no element
 left unwritten: C is NaN before the call, identical bits on a second call), then times it beside
 `torch.mm(A, B.t())` (cuBLAS, as nn.Linear calls it) with CUDA events: median of --reps samples
@@ -13,7 +14,7 @@ torch's dispatch there, stays off the GPU's time), ours and cuBLAS's alternating
 the gate and up GEMMs of the issue's (H, I) as one GEMM (N = 2 I: Wg and Wu stacked) at
 T = 4096, and of 4096 x 11008 at T = 16384.
 
-    device: timeout 120 python3 bench/wgmma_gemm_proto.py [--variants 0 1] [--reps 30] [--json F]
+    device: timeout 120 python3 bench/wgmma_gemm_proto.py [--variants 0 1 2] [--reps 30] [--json F]
     (a wrong barrier protocol hangs rather than fails: run it under a timeout, a variant a process)
 """
 import argparse
@@ -30,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from timing import call_timer, interleaved_medians  # noqa: E402  (bench/timing.py)
 
-CHECK_SHAPES = [(128, 256, 64), (256, 512, 128), (384, 768, 4096), (1024, 2048, 1024)]
+CHECK_SHAPES = [(128, 256, 64), (256, 512, 128), (384, 768, 4096), (512, 768, 4096), (1024, 2048, 1024)]
 TIME_SHAPES = [  # (M = T, N = 2 I, K = H)
     (4096, 2 * 11008, 4096), (4096, 2 * 14336, 4096), (4096, 2 * 5632, 2048),
     (16384, 2 * 11008, 4096),
@@ -52,7 +53,13 @@ def build(out_dir):
     return so
 
 
-VARIANTS = {0: "cooperative", 1: "pingpong"}
+VARIANTS = {0: "cooperative", 1: "pingpong", 2: "pingpong_cluster"}
+
+
+def takes(variant, M, N, K):
+    """The shapes the launcher takes (wgmma_gemm_bf16's checks)."""
+    m_unit, n_unit = {0: (128, 256), 1: (128, 128), 2: (256, 128)}[variant]
+    return M % m_unit == 0 and N % n_unit == 0 and K % 64 == 0
 
 
 def ours(so, A, B, C, variant, max_ctas=0):
@@ -89,13 +96,14 @@ def check(so, variant, M, N, K):
 
 
 def diagnose(so, variant):
-    """For a variant whose results are wrong: which element of B each output used. One tile
-    (M 128, N 256, K 64) with A one-hot (A[r, k] = 1 at k = r % 64), so C[r, c] = B[c, r % 64];
+    """For a variant whose results are wrong: which element of B each output used. Two row
+    blocks (M 256, N 256, K 64: one tile pair of variant 2's cluster) with A one-hot (A[r, k] = 1 at k = r % 64), so C[r, c] = B[c, r % 64];
     B holds its own row index (first run) or K index (second run), both exact in bf16, so each
     output names the (B row, k) it read: the pattern of the wrong ones points at the descriptors,
     the swizzle or the fragment layout. Prints rows 0-15 and 64-79 (the first warp of each
-    64-row half), columns 0-15, as "B row/k", wrong ones in brackets."""
-    M, N, K = 128, 256, 64
+    64-row half) and 128-135 (the second block: variant 2's other CTA), columns 0-7 and 64-71
+    (in variant 2, B rows each CTA's producer copied), as "B row/k", wrong ones in brackets."""
+    M, N, K = 256, 256, 64  # (two row blocks: variant 2's cluster takes both)
     A = torch.zeros(M, K, device="cuda", dtype=torch.bfloat16)
     A[torch.arange(M), torch.arange(M) % K] = 1
     index_b = [torch.arange(N, device="cuda")[:, None].expand(N, K),
@@ -110,9 +118,9 @@ def diagnose(so, variant):
     bad = (got[0] != want_row) | (got[1] != want_k)
     print(f"diagnose {VARIANTS[variant]}: {int(bad.sum())} of {M * N} outputs read the wrong element "
           "of B (or none)", flush=True)
-    for r in list(range(16)) + list(range(64, 80)):
+    for r in list(range(16)) + list(range(64, 80)) + list(range(128, 136)):
         cells = []
-        for c in range(16):
+        for c in list(range(8)) + list(range(64, 72)):
             cell = f"{got[0][r, c].item():.0f}/{got[1][r, c].item():.0f}"
             cells.append(f"[{cell}]" if bad[r, c] else cell)
         print(f"  row {r:3d} (k {r % K:2d}): " + " ".join(cells), flush=True)
@@ -149,7 +157,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--variants", type=int, nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="0 cooperative, 1 ping-pong (one per process under a timeout: a hang stops only it)")
+                        help="0 cooperative, 1 ping-pong, 2 ping-pong in 2-CTA clusters "
+                             "(one per process under a timeout: a hang stops only it)")
     parser.add_argument("--json", default=None, help="write the checks and timings here")
     a = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
@@ -157,7 +166,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     with tempfile.TemporaryDirectory() as tmp:
         so = build(tmp)
-        checks = [check(so, v, *s) for v in a.variants for s in CHECK_SHAPES + TIME_SHAPES[:1]]
+        checks = [check(so, v, *s) for v in a.variants for s in CHECK_SHAPES + TIME_SHAPES[:1] if takes(v, *s)]
         correct = [v for v in a.variants if all(c["ok"] for c in checks if c["variant"] == VARIANTS[v])]
         for v in a.variants:
             if v not in correct:

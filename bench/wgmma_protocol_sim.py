@@ -1,13 +1,13 @@
-"""The barrier protocols of bench/wgmma_gemm_proto.cu (variants 0 and 1) and
-bench/fused_gu_wgmma_proto.cu (variant 2), simulated on the CPU under random interleavings: the
-producer thread, the consumer warpgroups (each warp's arrivals separate), the bulk copies (which
-land at any later time) and the wgmma groups (which finish at any time up to their wait), with
-mbarriers modelled as the PTX ISA defines them (a phase completes when its pending arrivals reach
-zero and its transaction bytes are all in; `try_wait.parity P` passes when the current, incomplete
-phase's parity differs from P). The loops below mirror the kernels' loops line for line. Checked
-at every step: a consumer's MMAs read the stage holding the fill they mean (tile, K step), no copy
-lands in a stage an unfinished MMA group still reads, every tile's every K step is consumed once
-by the warpgroup that owns it, and nothing deadlocks.
+"""The barrier protocols of bench/wgmma_gemm_proto.cu (sim variants 0, 1 and 3: the .cu's variants
+0, 1 and 2) and bench/fused_gu_wgmma_proto.cu (sim variant 2), simulated on the CPU under random
+interleavings: the producer thread, the consumer warpgroups (each warp's arrivals separate), the
+bulk copies (which land at any later time) and the wgmma groups (which finish at any time up to
+their wait), with mbarriers modelled as the PTX ISA defines them (a phase completes when its
+pending arrivals reach zero and its transaction bytes are all in; `try_wait.parity P` passes when
+the current, incomplete phase's parity differs from P). The loops below mirror the kernels' loops
+line for line. Checked at every step: a consumer's MMAs read the stage holding the fill they mean
+(tile, K step), no copy lands in a stage an unfinished MMA group still reads, every tile's every K
+step is consumed once by the warpgroup that owns it, and nothing deadlocks.
 
 Variant 2 (FUSED, `fused_gu_kernel`): the ping-pong of variant 1 with 4 stages, work split into
 items (a 128-token block, a chunk of 64-column tiles; `make_plan` below mirrors the kernel's), a
@@ -22,17 +22,40 @@ may land in it. At each item's end each warpgroup writes its zd partial (2 chunk
 each (item, warpgroup) writes once, holding the warpgroup's tiles of that item, and every tile's
 epilogue runs once, on warpgroup i % 2 of the item's CTA.
 
+Variant 3 (CLUSTER, the .cu's variant 2, `wgmma_gemm_multicast_kernel`): the ping-pong of variant
+1 in clusters of 2 CTAs (rank 0, 1; cluster blockIdx / 2 of grid / 2, the grid the launcher's:
+even), both walking the cluster's pair tiles pt = cluster, cluster + clusters, .., rank r's tile
+the row block 2 (pt % m_pairs) + r at the column block pt / m_pairs. Each CTA's producer
+(`produce_multicast`), per K step, waits for its own CTA's "empty" barrier (8 arrivals: the tile
+owner's 4 warps in each CTA), arrives with expect_tx of the whole stage on its own "full" barrier,
+and issues its A copy (landing in its own CTA) and its half of B multicast: one copy landing in
+the same stage of both CTAs, at a different time in each, completing bytes on that CTA's "full"
+barrier, so the peer's half can land before the CTA's own expect_tx (the transaction count goes
+below zero for a while: `Barrier(signed_tx=True)`). Consumers as variant 1's (turn barriers in
+their CTA), but each warp releases a stage on the "empty" barriers of both CTAs. Checked besides:
+a K step reads the stage with its A and both B halves (from the two producers) of the fill it
+means, no copy lands in a stage of the CTA it lands in while an MMA group there reads it, no
+barrier is partway through a phase at exit, and nothing touches a CTA after it exited (the
+kernel's final cluster_sync: a CTA exits once the processes of both have finished; the planted
+fault no_final_sync lets it go once its own have).
+
     python3 bench/wgmma_protocol_sim.py [--seeds 200]       (tests/test_bench.py runs a few)
 """
 import argparse
 import random
 
-COOPERATIVE, PINGPONG, FUSED = 0, 1, 2
+COOPERATIVE, PINGPONG, FUSED, CLUSTER = 0, 1, 2, 3
 
 
 class Barrier:
-    def __init__(self, count):
+    """An mbarrier: `count` arrivals a phase and a transaction count. With signed_tx (variant 3's
+    "full" barriers) the count may go below zero for a while, as PTX allows: the peer CTA's
+    multicast bytes can land before this CTA's own producer's expect_tx of the phase; the phase
+    still completes only when its arrivals are all in and the count is back at zero."""
+
+    def __init__(self, count, signed_tx=False):
         self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+        self.signed_tx = signed_tx
 
     def _maybe_complete(self):
         if self.pending == 0 and self.tx == 0:
@@ -40,14 +63,16 @@ class Barrier:
             self.pending = self.count
 
     def arrive(self, tx=0):
-        assert self.pending > 0
+        if self.pending <= 0:  # (the phase's arrivals all in, its bytes not: PTX leaves it undefined)
+            raise Violation("an arrival on a barrier phase that has all its arrivals")
         self.pending -= 1
         self.tx += tx
         self._maybe_complete()
 
     def complete_tx(self, nbytes):
         self.tx -= nbytes
-        assert self.tx >= 0
+        if self.tx < 0 and not self.signed_tx:
+            raise Violation("more bytes land on a barrier than its phase expects")
         self._maybe_complete()
 
     def passes(self, parity):  # mbarrier.try_wait.parity
@@ -63,15 +88,21 @@ class Violation(AssertionError):
 # reading it finished, the producer's first wait on a fresh "empty" barrier with the wrong parity;
 # for variant 2: the turn handed over before the epilogue buffer's "full" wait, the buffer
 # released before the epilogue finished reading it, the "full" wait with the wrong parity, tiles
-# owned by their column's parity (nt % 2) rather than the CTA's count (i % 2).
+# owned by their column's parity (nt % 2) rather than the CTA's count (i % 2); for variant 3: a
+# stage released on the consumer's own CTA's "empty" barrier only (its count 4), the "full"
+# barrier's expect_tx of the CTA's own copies only (A and its half of B), no cluster barrier
+# before exit (a CTA gone once its own processes are).
 FAULTS = {
-    "no_turn": (PINGPONG, FUSED),
-    "release_early": (COOPERATIVE, PINGPONG, FUSED),
-    "empty_parity": (COOPERATIVE, PINGPONG, FUSED),
+    "no_turn": (PINGPONG, FUSED, CLUSTER),
+    "release_early": (COOPERATIVE, PINGPONG, FUSED, CLUSTER),
+    "empty_parity": (COOPERATIVE, PINGPONG, FUSED, CLUSTER),
     "turn_before_epi": (FUSED,),
     "epi_release_early": (FUSED,),
     "epi_parity": (FUSED,),
     "own_by_column": (FUSED,),
+    "local_release_only": (CLUSTER,),
+    "half_expect": (CLUSTER,),
+    "no_final_sync": (CLUSTER,),
 }
 
 
@@ -415,7 +446,161 @@ def simulate_fused(m_blocks, n_tiles, k_steps, ctas, seed, fault=None, grid=None
         raise Violation(f"{len(partials)} zd partials written, not {2 * plan.items}")
 
 
-def run(seeds, verbose=False, fault=None, variants=(COOPERATIVE, PINGPONG, FUSED)):
+# Variant 3's stage, in units of 8 KiB: A (128 rows) 2, each half of B (64 rows) 1.
+A_BYTES, HALF_BYTES = 2, 1
+
+
+def simulate_cluster(m_pairs, n_tiles, k_steps, ctas, seed, fault=None):
+    """One random interleaving of variant 3 (the .cu's variant 2, `wgmma_gemm_multicast_kernel`)
+    for M = 256 m_pairs, N = 128 n_tiles, K = 64 k_steps and the launcher's grid for `ctas`
+    (min(ctas, tiles) rounded down to whole clusters); raises Violation (or AssertionError) on
+    a fault."""
+    rng = random.Random(seed)
+    stages = 6  # kPpStages
+    pair_tiles = m_pairs * n_tiles
+    grid = min(ctas, 2 * pair_tiles) & ~1
+    assert grid >= 2
+    clusters = grid // 2
+    consumed = {}  # (row block, column block, ks) -> (cta, consumer warpgroup)
+
+    procs, copies_in_flight, clusters_state = [], [], []
+    for cluster in range(clusters):
+        # both CTAs' barriers and stages (index: rank), made before anything runs (the cluster
+        # sync after their init)
+        full = [[Barrier(1, signed_tx=True) for _ in range(stages)] for _ in range(2)]
+        empty = [[Barrier(4 if fault == "local_release_only" else 8) for _ in range(stages)]
+                 for _ in range(2)]  # kMcEmptyArrivals: the tile owner's 4 warps of both CTAs
+        turn = [[Barrier(4), Barrier(4)] for _ in range(2)]
+        a_tag = [[None] * stages for _ in range(2)]  # which fill (pt, ks) a stage's A holds
+        b_tag = [[[None, None] for _ in range(stages)] for _ in range(2)]  # its B halves' (by rank)
+        readers = [[0] * stages for _ in range(2)]   # unfinished MMA groups reading the stage
+        running = [3, 3]  # the CTA's processes not yet at the final cluster_sync
+
+        def gone(rank, running=running):
+            """The CTA has exited: all its processes and (the final cluster_sync) its peer's have
+            finished; without that sync, its own alone."""
+            return running[rank] == 0 and (fault == "no_final_sync" or running[rank ^ 1] == 0)
+
+        def reach(rank, what, cluster=cluster, gone=gone):  # what touches CTA rank's shared memory
+            if gone(rank):
+                raise Violation(f"cluster {cluster}: {what} reaches cta rank {rank} after it exited")
+
+        def until_sync(proc, rank, running=running):  # the process, then its cluster_sync arrival
+            yield from proc
+            running[rank] -= 1
+
+        def producer(rank, cluster=cluster, full=full, empty=empty, a_tag=a_tag, b_tag=b_tag,
+                     readers=readers, reach=reach):  # produce_multicast
+            it = 0
+            for pt in range(cluster, pair_tiles, clusters):
+                for ks in range(k_steps):
+                    s = it % stages
+                    parity = ((it // stages) & 1) ^ (0 if fault == "empty_parity" else 1)
+                    yield lambda s=s, parity=parity: empty[rank][s].passes(parity)  # mbar_wait_cluster
+                    expect = A_BYTES + (1 if fault == "half_expect" else 2) * HALF_BYTES
+                    full[rank][s].arrive(tx=expect)  # arrive.expect_tx kPpStageBytes
+
+                    def land(dest, half, s=s, fill=(pt, ks)):
+                        """The A copy (half None) into this CTA, or this rank's half of B landing
+                        in CTA dest (the multicast: one such landing per CTA, at its own time)."""
+                        reach(dest, f"rank {rank}'s copy of fill {fill}")
+                        if readers[dest][s]:
+                            raise Violation(f"cluster {cluster}: rank {rank}'s copy of fill {fill} "
+                                            f"lands in stage {s} of rank {dest} while an MMA reads it")
+                        if half is None:
+                            a_tag[dest][s] = fill
+                            full[dest][s].complete_tx(A_BYTES)
+                        else:
+                            b_tag[dest][s][half] = fill
+                            full[dest][s].complete_tx(HALF_BYTES)
+                    copies_in_flight.append(lambda land=land: land(rank, None))  # tma_load_2d
+                    for dest in range(2):  # tma_load_2d_multicast, mask 0x3
+                        copies_in_flight.append(lambda land=land, dest=dest: land(dest, rank))
+                    it += 1
+
+        def consumer(rank, own, cluster=cluster, full=full, empty=empty, turn=turn, a_tag=a_tag,
+                     b_tag=b_tag, readers=readers, reach=reach):
+            groups = []  # stages read by each unfinished group, oldest first
+
+            def finish_groups(keep):  # wgmma.wait_group keep
+                while len(groups) > keep:
+                    readers[rank][groups.pop(0)] -= 1
+
+            def release(s):  # each warp's lane 0: mbar_arrive_cluster on empty_here, empty_peer
+                for _ in range(4):
+                    empty[rank][s].arrive()
+                    yield None
+                    if fault != "local_release_only":
+                        reach(rank ^ 1, f"rank {rank} wg {own}'s release of stage {s}")
+                        empty[rank ^ 1][s].arrive()
+                        yield None
+
+            i, turns = own, 0
+            for pt in range(cluster + own * clusters, pair_tiles, 2 * clusters):
+                tile = (2 * (pt % m_pairs) + rank, pt // m_pairs)  # (row block, column block)
+                if i > 0 and fault != "no_turn":
+                    yield lambda p=turns & 1: turn[rank][own].passes(p)
+                    turns += 1
+                it, previous = i * k_steps, None
+                for ks in range(k_steps):
+                    s = it % stages
+                    yield lambda s=s, p=(it // stages) & 1: full[rank][s].passes(p)
+                    held = (a_tag[rank][s], *b_tag[rank][s])
+                    if held != ((pt, ks),) * 3:
+                        raise Violation(f"cluster {cluster} rank {rank} wg {own}: K step {ks} of "
+                                        f"pair tile {pt} reads stage {s} holding fills (A, B half "
+                                        f"0, B half 1) {held}, not {(pt, ks)}")
+                    key = (*tile, ks)
+                    if key in consumed:
+                        raise Violation(f"{key} consumed twice")
+                    consumed[key] = (2 * cluster + rank, own)
+                    readers[rank][s] += 1
+                    groups.append(s)  # commit
+                    if rng.random() < 0.5:
+                        finish_groups(rng.randint(1, len(groups)))  # groups may finish early
+                    if fault != "release_early":
+                        finish_groups(1)  # wgmma.wait_group 1
+                    yield None  # (a point where the other processes may run)
+                    if previous is not None:
+                        yield from release(previous)
+                    previous = s
+                    it += 1
+                for _ in range(4):  # the other's next tile may start (this CTA's turn barrier)
+                    turn[rank][1 - own].arrive()
+                    yield None
+                finish_groups(0)  # wgmma.wait_group 0
+                yield from release(previous)
+                # (the epilogue: registers only)
+                i += 2
+
+        for rank in range(2):
+            procs.append(until_sync(producer(rank), rank))
+            procs.append(until_sync(consumer(rank, 0), rank))
+            procs.append(until_sync(consumer(rank, 1), rank))
+        clusters_state.append((cluster, full, empty))
+
+    # copies slow, middling or quick to land, as variant 2's
+    interleave(procs, copies_in_flight, rng, land=rng.choice((0.05, 0.3, 0.6)))
+
+    for cluster, full, empty in clusters_state:  # at exit no barrier is partway through a phase
+        for rank in range(2):
+            for s in range(stages):
+                for name, bar in (("full", full[rank][s]), ("empty", empty[rank][s])):
+                    if bar.pending != bar.count or bar.tx != 0:
+                        raise Violation(f"cluster {cluster} rank {rank}: {name}[{s}] ends with "
+                                        f"{bar.pending} arrivals and {bar.tx} bytes pending")
+    for pt in range(pair_tiles):
+        cluster = pt % clusters
+        i = (pt - cluster) // clusters  # the cluster's i-th pair tile
+        for rank in range(2):
+            for ks in range(k_steps):
+                key = (2 * (pt % m_pairs) + rank, pt // m_pairs, ks)
+                if consumed.get(key) != (2 * cluster + rank, i % 2):
+                    raise Violation(f"tile {key[:2]} K step {ks} consumed by (cta, wg) "
+                                    f"{consumed.get(key)}, not {(2 * cluster + rank, i % 2)}")
+
+
+def run(seeds, verbose=False, fault=None, variants=(COOPERATIVE, PINGPONG, FUSED, CLUSTER)):
     """Random shapes and interleavings; returns the number of runs (raises at the first fault)."""
     runs = 0
     for seed in range(seeds):
@@ -429,14 +614,20 @@ def run(seeds, verbose=False, fault=None, variants=(COOPERATIVE, PINGPONG, FUSED
         launch = min(fused["ctas"], items)
         # the launcher's grid, or (a third of the time) fewer CTAs, each taking more items
         fused["grid"] = launch if rng.random() < 2 / 3 else rng.randint(1, launch)
+        # variant 3's, drawn after variant 2's (which stays as it was): ctas as the launcher's
+        # max_ctas, the grid min(ctas, tiles) rounded down to whole clusters
+        cluster = dict(m_pairs=rng.randint(1, 2), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
+                       ctas=rng.randint(2, 8))
         for variant in variants:
             if variant == FUSED:
                 simulate_fused(seed=seed, fault=fault, **fused)
+            elif variant == CLUSTER:
+                simulate_cluster(seed=seed, fault=fault, **cluster)
             else:
                 simulate(variant, seed=seed, fault=fault, **shape)
             runs += 1
         if verbose and seed % 50 == 0:
-            print(f"seed {seed}: {shape}, fused {fused} ok", flush=True)
+            print(f"seed {seed}: {shape}, fused {fused}, cluster {cluster} ok", flush=True)
     return runs
 
 

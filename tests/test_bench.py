@@ -43,8 +43,38 @@ def test_bench_shape_row_on_cpu():
 
 
 def test_wgmma_protocol_holds_under_random_interleavings():
-    """The three variants' protocols: 100 random shapes and interleavings each."""
-    assert sim.run(100) == 300
+    """The four variants' protocols: 100 random shapes and interleavings each."""
+    assert sim.run(100) == 400
+
+
+def test_barrier_signed_tx():
+    """Variant 3's "full" barrier: the peer's multicast bytes may land before the CTA's own
+    expect_tx (the count below zero); the phase completes only with its arrival in and the count
+    back at zero; an unsigned barrier takes no bytes beyond those expected."""
+    full = sim.Barrier(1, signed_tx=True)
+    full.complete_tx(1)  # the peer's half of B, early
+    assert (full.phase, full.tx) == (0, -1) and not full.passes(0)
+    full.arrive(tx=4)    # the producer's arrive.expect_tx of the whole stage
+    full.complete_tx(2)  # A
+    assert full.phase == 0
+    full.complete_tx(1)  # its own half
+    assert (full.phase, full.pending, full.tx) == (1, 1, 0) and full.passes(0)
+    plain = sim.Barrier(1)
+    with pytest.raises(sim.Violation):
+        plain.complete_tx(1)
+
+
+def test_cluster_sim_lands_peer_bytes_before_expect_tx(monkeypatch):
+    """Variant 3's runs do take the case above (a peer's half landing before the expect_tx)."""
+    early = []
+    complete_tx = sim.Barrier.complete_tx
+
+    def counting(self, nbytes):
+        complete_tx(self, nbytes)
+        early.append(self.tx < 0)
+    monkeypatch.setattr(sim.Barrier, "complete_tx", counting)
+    sim.run(20, variants=(sim.CLUSTER,))
+    assert any(early)
 
 
 def test_fused_plan_mirrors_the_kernel():
@@ -60,9 +90,15 @@ def test_fused_plan_mirrors_the_kernel():
 
 # what variant 2's faults show up as: a stale read of the epilogue buffer (the turn handed over
 # before the "full" wait: the other warpgroup's wait passes on the phase still open), a copy
-# landing in it under the epilogue (or the epilogue reading the next tile's operands)
+# landing in it under the epilogue (or the epilogue reading the next tile's operands); variant
+# 3's: the peer's multicast of a later fill landing in a stage this CTA still reads or has yet to
+# read (released locally only), a K step reading a stage one B half short (expect_tx of the CTA's
+# own copies only), the peer's release arriving on a CTA gone (no cluster barrier before exit)
 CAUGHT_AS = {"turn_before_epi": "epilogue of tile .* reads the buffer holding",
-             "epi_release_early": "the buffer"}
+             "epi_release_early": "the buffer",
+             "local_release_only": "lands in stage .* of rank .* while an MMA reads it|holding fills",
+             "half_expect": "reads stage .* holding fills",
+             "no_final_sync": "release of stage .* reaches cta rank .* after it exited"}
 
 
 @pytest.mark.parametrize("fault,variant", [(f, v) for f, vs in sim.FAULTS.items() for v in vs])
