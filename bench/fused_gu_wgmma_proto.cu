@@ -38,7 +38,15 @@
 // v16's variant 1. A warpgroup hands the turn over only after it has waited for its epilogue
 // buffer: so the other never waits on a "full" barrier whose previous phase is still open (a
 // parity wait cannot tell that phase from its own; bench/wgmma_protocol_sim.py, variant 2).
-// Shapes: T % 128 == 0, H % 64 == 0, I % 64 == 0, 16-byte aligned rows (the launcher checks).
+//
+// v18 (variant 1 of the launcher): the same with tiles of 64 tokens (one m64n128 accumulator, 64
+// registers instead of 128) and the deltas of each pair into sums of their own (g = G + delta_j,
+// G kept fp32), so that no ordinary instruction writes the main loop's accumulators and no
+// epilogue wgmma adds into them: ptxas then keeps every wgmma pipelined, with no spills, even
+// with the training variant's G / U stores; v17's form, at 128 tokens, does so only by the
+// allocator's heuristics and not with the stores (bench/NOTES.md v17, v18). 6 stages of 24 KiB.
+// Shapes: T % 128 (v17) or 64 (v18) == 0, H % 64 == 0, I % 64 == 0, 16-byte aligned rows (the
+// launcher checks).
 #include "wgmma_common.cuh"
 
 #include "swiglu/swiglu_fast_math.cuh"  // activation_at: the library's SiLU
@@ -47,33 +55,39 @@ namespace {
 
 constexpr int kExperts = 8, kRank = 16, kER = kExperts * kRank;  // E R = 128
 constexpr int kPairs = 2;
-constexpr int kTM = 128;   // tokens a tile
 constexpr int kTN = 128;   // rows of Wgu a tile: 64 columns of G, then the same 64 of U
 constexpr int kTI = 64;    // columns of I a tile
-constexpr int kStages = 4;
 constexpr int kThreads = 384;  // the producer warpgroup and two consumer warpgroups
-constexpr int kABytes = kTM * kRowBytes;                   // 16 KiB
-constexpr int kStageBytes = kABytes + kTN * kRowBytes;     // 32 KiB
 constexpr int kBoxBytes = 128 * kRowBytes;                 // a 128-row box: 16 KiB
 constexpr int kEpiBytes = 3 * kBoxBytes;                   // Bgu K 0-63, Bgu K 64-127, Ad
-// zd sums of a consumer warpgroup's 128 rows over the item's tiles (fp32, [row][pair][rank],
-// rows padded by 4 words against bank conflicts): in registers they spilled (NOTES v17).
+// zd sums of a consumer warpgroup's rows over the item's tiles (fp32, [row][pair][rank], rows
+// padded by 4 words against bank conflicts): in registers they spilled (NOTES v17).
 constexpr int kZdRowWords = kPairs * kRank + 4;
-constexpr int kZdBytes = kTM * kZdRowWords * 4;            // 18 KiB
-constexpr int kBarriers = 2 * kStages + 2 + 2;             // full, empty, epi full / empty, turn
-constexpr int kSmemBytes =
-    1024 + kStages * kStageBytes + kEpiBytes + 2 * kZdBytes + kBarriers * 8;
-static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 static_assert(kER == 2 * kBK, "Bgu's K (E R) is two 64-column boxes");
+
+// A tile's tokens are HALVES x 64: v17 (HALVES 2) holds 128 x 128 fp32 sums a consumer thread
+// (two m64n128 accumulators), v18 (HALVES 1) 64 (bench/NOTES.md v18: what the registers allow).
+template <int HALVES>
+struct Shape {
+  static constexpr int kTM = 64 * HALVES;                           // tokens a tile
+  static constexpr int kStages = HALVES == 2 ? 4 : 6;
+  static constexpr int kABytes = kTM * kRowBytes;                   // 16 / 8 KiB
+  static constexpr int kStageBytes = kABytes + kTN * kRowBytes;     // 32 / 24 KiB
+  static constexpr int kZdBytes = kTM * kZdRowWords * 4;            // 18 / 9 KiB
+  static constexpr int kBarriers = 2 * kStages + 2 + 2;  // full, empty, epi full / empty, turn
+  static constexpr int kSmemBytes =
+      1024 + kStages * kStageBytes + kEpiBytes + 2 * kZdBytes + kBarriers * 8;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
 
 // How a launch splits the work: items of (token block, column chunk).
 struct Plan {
   int m_blocks, n_tiles, n_chunks, tiles_per_chunk, items;
 };
 
-__host__ __device__ inline Plan make_plan(int T, int I, int ctas) {
+__host__ __device__ inline Plan make_plan(int T, int I, int ctas, int tm) {
   Plan p{};
-  p.m_blocks = T / kTM;
+  p.m_blocks = T / tm;
   p.n_tiles = I / kTI;
   int chunks = ctas / p.m_blocks;
   chunks = chunks < 1 ? 1 : (chunks > p.n_tiles ? p.n_tiles : chunks);
@@ -134,14 +148,17 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
 
 // The producer thread: for each of the CTA's tiles, its K steps into the stages, then its
 // epilogue operands into the epilogue buffer once the previous tile's epilogue released it.
+template <int HALVES>
 __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensorMap* map_wgu,
                                         const CUtensorMap* map_bgu, const CUtensorMap* map_ad,
                                         uint32_t base, uint32_t epi, uint32_t full0,
                                         uint32_t empty0, uint32_t epi_full, uint32_t epi_empty,
                                         const Plan& plan, int k_steps) {
+  using S = Shape<HALVES>;
+  constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes, kABytes = S::kABytes;
   int it = 0, i = 0;
   for (int item = blockIdx.x; item < plan.items; item += gridDim.x) {
-    const int m0 = (item % plan.m_blocks) * kTM, chunk = item / plan.m_blocks;
+    const int m0 = (item % plan.m_blocks) * S::kTM, chunk = item / plan.m_blocks;
     const int nt1 = min(plan.n_tiles, (chunk + 1) * plan.tiles_per_chunk);
     for (int nt = chunk * plan.tiles_per_chunk; nt < nt1; ++nt, ++i) {
       for (int ks = 0; ks < k_steps; ++ks, ++it) {
@@ -317,8 +334,80 @@ __device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const R
   add_zd(zd + kRank, h, e1, ad);
 }
 
+// The deltas of pair PAIR alone, into fresh sums dl (64 rows x [64 of G | 64 of U]).
+template <int PAIR>
+__device__ __forceinline__ void deltas_fresh(float (&dl)[64], const Rows& rw, uint32_t epi,
+                                             const uint32_t* __restrict__ zg32,
+                                             const uint32_t* __restrict__ zu32) {
+  float(&dg)[32] = *reinterpret_cast<float(*)[32]>(&dl[0]);
+  float(&du)[32] = *reinterpret_cast<float(*)[32]>(&dl[32]);
+  uint32_t zg[kPairs][2][2], zu[kPairs][2][2];
+  load_z<1>(zg, zg32, rw);
+  load_z<1>(zu, zu32, rw);
+#pragma unroll
+  for (int kappa = 0; kappa < kExperts; ++kappa) {
+    uint32_t ag[4], au[4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        ag[2 * half + r] = rw.e[r][PAIR] == kappa ? zg[PAIR][r][half] : 0u;
+        au[2 * half + r] = rw.e[r][PAIR] == kappa ? zu[PAIR][r][half] : 0u;
+      }
+    }
+    const uint32_t box = epi + (kappa / 4) * kBoxBytes;
+    const uint64_t step = 2 * (kappa % 4);
+    wgmma_fence();
+    wgmma_m64n64k16_rs(dg, ag, sw128_desc(box) + step, kappa > 0 ? 1u : 0u);
+    wgmma_m64n64k16_rs(du, au, sw128_desc(box + 64 * kRowBytes) + step, kappa > 0 ? 1u : 0u);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dl);
+  }
+}
+
+// One 64-row half of a tile, the deltas in their own sums (v18): d is only read.
+__device__ __forceinline__ void epilogue_half_sep(const float (&d)[64], float* zd, const Rows& rw,
+                                                  const uint32_t* __restrict__ zg32,
+                                                  const uint32_t* __restrict__ zu32, uint32_t epi,
+                                                  __nv_bfloat16* __restrict__ hbar_rows, int64_t ld,
+                                                  int q) {
+  const uint32_t ad = epi + 2 * kBoxBytes;
+  const int e0[2] = {rw.e[0][0], rw.e[1][0]}, e1[2] = {rw.e[0][1], rw.e[1][1]};
+  uint32_t h[16];
+  float dl[64];
+  deltas_fresh<0>(dl, rw, epi, zg32, zu32);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int g = 4 * j + 2 * r, u = 32 + 4 * j + 2 * r;
+      h[2 * j + r] = bf16x2(silu_mul(d[g] + dl[g], d[u] + dl[u]),
+                            silu_mul(d[g + 1] + dl[g + 1], d[u + 1] + dl[u + 1]));
+    }
+  }
+  add_zd(zd, h, e0, ad);
+  deltas_fresh<1>(dl, rw, epi, zg32, zu32);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int g = 4 * j + 2 * r, u = 32 + 4 * j + 2 * r;
+      const float2 h0 = unpack_bf16x2(h[2 * j + r]);
+      const float a = silu_mul(d[g] + dl[g], d[u] + dl[u]);
+      const float b = silu_mul(d[g + 1] + dl[g + 1], d[u + 1] + dl[u + 1]);
+      const float w0 = rw.w[r][0], w1 = rw.w[r][1];
+      *reinterpret_cast<uint32_t*>(hbar_rows + 8 * r * ld + 8 * j + 2 * q) =
+          bf16x2(fmaf(w1, a, w0 * h0.x), fmaf(w1, b, w0 * h0.y));
+      h[2 * j + r] = bf16x2(a, b);
+    }
+  }
+  add_zd(zd + kRank, h, e1, ad);
+}
+
 #endif  // sm_90a
 
+template <int HALVES>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gu_kernel(const __grid_constant__ CUtensorMap map_x,
                     const __grid_constant__ CUtensorMap map_wgu,
@@ -326,18 +415,21 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const __grid_constant__ CUtensorMap map_ad,
                     const __nv_bfloat16* __restrict__ zg, const __nv_bfloat16* __restrict__ zu,
                     const int* __restrict__ ids, const float* __restrict__ w,
-                    __nv_bfloat16* __restrict__ hbar, float* __restrict__ zd_part, int T, int H,
-                    int I, int plan_ctas) {
+                    __nv_bfloat16* __restrict__ hbar, float* __restrict__ zd_part,
+                    __nv_bfloat16* __restrict__ g_out, __nv_bfloat16* __restrict__ u_out, int T,
+                    int H, int I, int plan_ctas) {
 #ifdef MIXLORA_PROTO_SM90A
+  using S = Shape<HALVES>;
+  constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes, kTM = S::kTM;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t epi = base + kStages * kStageBytes;
   const uint32_t zd_buf = epi + kEpiBytes;  // the two consumer warpgroups' zd sums
-  const uint32_t full0 = zd_buf + 2 * kZdBytes, empty0 = full0 + 8 * kStages;
+  const uint32_t full0 = zd_buf + 2 * S::kZdBytes, empty0 = full0 + 8 * kStages;
   const uint32_t epi_full = empty0 + 8 * kStages, epi_empty = epi_full + 8;
   const uint32_t turn0 = epi_empty + 8;  // turn[w] at turn0 + 8 w
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
-  const Plan plan = make_plan(T, I, plan_ctas);  // the launcher's: gridDim.x may be fewer
+  const Plan plan = make_plan(T, I, plan_ctas, kTM);  // the launcher's: gridDim.x may be fewer
   const int k_steps = H / kBK;
   if (threadIdx.x == 0) {
     init_stage_barriers(full0, empty0, kStages, 4);  // "empty": the 4 warps of the tile's owner
@@ -351,8 +443,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {
-      produce(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0, empty0, epi_full, epi_empty,
-              plan, k_steps);
+      produce<HALVES>(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0, empty0, epi_full,
+                      epi_empty, plan, k_steps);
     }
     return;
   }
@@ -361,10 +453,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int own = wg - 1;  // this warpgroup's tiles: the CTA's i-th with i % 2 == own
   const int warp = tid / 32, lane = tid % 32, q = lane % 4;
   float* zd_mine = reinterpret_cast<float*>(smem_raw + (zd_buf - smem_u32(smem_raw))) +
-                   own * (kZdBytes / 4) + (warp * 16 + lane / 4) * kZdRowWords + 2 * q;
+                   own * (S::kZdBytes / 4) + (warp * 16 + lane / 4) * kZdRowWords + 2 * q;
   const uint32_t* zg32 = reinterpret_cast<const uint32_t*>(zg);
   const uint32_t* zu32 = reinterpret_cast<const uint32_t*>(zu);
-  float d0[64], d1[64];
+  float d0[64], d1[64];  // rows 0-63 and (v17) 64-127 of the tile
 #pragma unroll
   for (int v = 0; v < 64; ++v) d0[v] = d1[v] = 0.f;
   int i = 0, turns = 0;
@@ -374,7 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the thread's entries of this warpgroup's zd sums: rows 16 warp + lane / 4 (+ 8, + 64,
     // + 72), ranks 2 q, 2 q + 1, 8 + 2 q, 9 + 2 q of both pairs; no other thread touches them
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; half < HALVES; ++half) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
 #pragma unroll
@@ -397,20 +489,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(full0 + 8 * s, static_cast<uint32_t>(it / kStages) & 1u);
         const uint32_t sa = base + s * kStageBytes;
         const uint64_t desc_a0 = sw128_desc(sa), desc_a1 = sw128_desc(sa + 64 * kRowBytes);
-        const uint64_t desc_b = sw128_desc(sa + kABytes);
+        const uint64_t desc_b = sw128_desc(sa + S::kABytes);
         fence_operands(d0);
-        fence_operands(d1);
+        if constexpr (HALVES == 2) fence_operands(d1);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < kBK / 16; ++k) {
           const uint32_t accumulate = (ks > 0 || k > 0) ? 1u : 0u;
           wgmma_m64n128k16(d0, desc_a0 + 2 * k, desc_b + 2 * k, accumulate);
-          wgmma_m64n128k16(d1, desc_a1 + 2 * k, desc_b + 2 * k, accumulate);
+          if constexpr (HALVES == 2) wgmma_m64n128k16(d1, desc_a1 + 2 * k, desc_b + 2 * k, accumulate);
         }
         wgmma_commit();
         wgmma_wait<1>();
         fence_operands(d0);
-        fence_operands(d1);
+        if constexpr (HALVES == 2) fence_operands(d1);
         if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
         previous = s;
       }
@@ -418,39 +510,55 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) mbar_arrive(turn0 + 8 * (1 - own));  // the other's next tile may start
       wgmma_wait<0>();
       fence_operands(d0);
-      fence_operands(d1);
+      if constexpr (HALVES == 2) fence_operands(d1);
       if (lane == 0) mbar_arrive(empty0 + 8 * previous);
 
       const int row = m0 + warp * 16 + lane / 4;  // the thread's first row in half 0
       __nv_bfloat16* hbar_rows = hbar + static_cast<int64_t>(row) * I + nt * kTI;
-      // G and U rounded to bf16 as the library's GEMMs write them (moe_swiglu adds the deltas
-      // to those); the second half waits as bf16 pairs, 32 registers instead of 64.
-      uint32_t wait1[32];
-#pragma unroll
-      for (int v = 0; v < 32; ++v) {
-        wait1[v] = bf16x2(d1[2 * v], d1[2 * v + 1]);
-        const float2 r = unpack_bf16x2(bf16x2(d0[2 * v], d0[2 * v + 1]));
-        d0[2 * v] = r.x;
-        d0[2 * v + 1] = r.y;
-      }
       Rows rw;
-      load_rows(rw, ids, w, row, q);
-      epilogue_half(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
+      if constexpr (HALVES == 2) {
+        // G and U rounded to bf16 as the library's GEMMs write them (moe_swiglu adds the deltas
+        // to those); the second half waits as bf16 pairs, 32 registers instead of 64.
+        uint32_t wait1[32];
 #pragma unroll
-      for (int v = 0; v < 32; ++v) {
-        const float2 r = unpack_bf16x2(wait1[v]);
-        d1[2 * v] = r.x;
-        d1[2 * v + 1] = r.y;
+        for (int v = 0; v < 32; ++v) {
+          wait1[v] = bf16x2(d1[2 * v], d1[2 * v + 1]);
+          const float2 r = unpack_bf16x2(bf16x2(d0[2 * v], d0[2 * v + 1]));
+          d0[2 * v] = r.x;
+          d0[2 * v + 1] = r.y;
+        }
+        load_rows(rw, ids, w, row, q);
+        epilogue_half(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
+#pragma unroll
+        for (int v = 0; v < 32; ++v) {
+          const float2 r = unpack_bf16x2(wait1[v]);
+          d1[2 * v] = r.x;
+          d1[2 * v + 1] = r.y;
+        }
+        load_rows(rw, ids, w, row + 64, q);
+        epilogue_half(d1, zd_mine + 64 * kZdRowWords, rw, zg32, zu32, epi,
+                      hbar_rows + static_cast<int64_t>(64) * I, I, q);
+      } else {
+        // v18: the sums stay fp32 into the deltas (no ordinary instruction writes an
+        // accumulator: ptxas then keeps the wgmma pipelined, NOTES v18); in training G and U go
+        // out as bf16 for the backward, read from the accumulators
+        if (g_out != nullptr) {
+          const int64_t at = static_cast<int64_t>(row) * I + nt * kTI + 2 * q;
+#pragma unroll
+          for (int v = 0; v < 32; ++v) {  // pair v: v < 16 G's n8 block v / 2, else U's
+            __nv_bfloat16* o = (v < 16 ? g_out : u_out) + at + (v % 2) * 8 * I + 8 * ((v % 16) / 2);
+            *reinterpret_cast<uint32_t*>(o) = bf16x2(d0[2 * v], d0[2 * v + 1]);
+          }
+        }
+        load_rows(rw, ids, w, row, q);
+        epilogue_half_sep(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
       }
-      load_rows(rw, ids, w, row + 64, q);
-      epilogue_half(d1, zd_mine + 64 * kZdRowWords, rw, zg32, zu32, epi,
-                    hbar_rows + static_cast<int64_t>(64) * I, I, q);
       if (lane == 0) mbar_arrive(epi_empty);  // its MMAs have completed (each waited for)
     }
     // this warpgroup's partial of the item: zd_part[2 chunk + own] at the block's rows
     float* part = zd_part + (static_cast<int64_t>(2 * chunk + own) * T) * kPairs * kRank;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; half < HALVES; ++half) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int t = m0 + 64 * half + warp * 16 + lane / 4 + 8 * r;
@@ -465,66 +573,82 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 #else
-  (void)zg, (void)zu, (void)ids, (void)w, (void)hbar, (void)zd_part, (void)T, (void)H, (void)I, (void)plan_ctas;
+  (void)zg, (void)zu, (void)ids, (void)w, (void)hbar, (void)zd_part, (void)g_out, (void)u_out;
+  (void)T, (void)H, (void)I, (void)plan_ctas;
   __trap();  // built without sm_90a
 #endif
 }
 
+// The token rows a tile of `variant` takes (0: v17, 128; 1: v18, 64), or 0 for no variant.
+int tile_rows(int variant) { return variant == 0 ? 128 : (variant == 1 ? 64 : 0); }
+
 }  // namespace
 
-// The number of zd partials a launch with at most max_ctas CTAs (<= 0: one per SM) writes
-// (zd_part's first dimension), or -1 for a shape the prototype does not take.
-extern "C" int fused_gu_partials(int T, int I, int max_ctas) {
-  if (T <= 0 || I <= 0 || T % kTM != 0 || I % kTI != 0) return -1;
+// The number of zd partials a launch of `variant` with at most max_ctas CTAs (<= 0: one per SM)
+// writes (zd_part's first dimension), or -1 for a shape or variant the prototype does not take.
+extern "C" int fused_gu_partials(int T, int I, int max_ctas, int variant) {
+  const int tm = tile_rows(variant);
+  if (tm == 0 || T <= 0 || I <= 0 || T % tm != 0 || I % kTI != 0) return -1;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return -1;
   }
   const int ctas = max_ctas > 0 ? max_ctas : sms;
-  return 2 * make_plan(T, I, ctas).n_chunks;
+  return 2 * make_plan(T, I, ctas, tm).n_chunks;
 }
 
 // hbar [T, I] and zd_part [P, T, 2, 16] (P = fused_gu_partials) from x [T, H], wgu [2 I, H]
 // (Wg / Wu rows interleaved in blocks of 64), bgu [2 I, E R] (Bg / Bu interleaved the same way,
 // expert-major columns), ad [E R, I], zg / zu [T, 2, 16] (s-scaled, bf16), ids [T, 2] int32 and
-// w [T, 2] fp32, on `stream`. Returns 0, or 1 a shape or alignment it does not take, 2 no
+// w [T, 2] fp32, on `stream`, by v17 (variant 0: tiles of 128 tokens, G and U rounded to bf16
+// before the deltas) or v18 (1: tiles of 64 tokens, the sums kept fp32); v18 with g_out and
+// u_out (both or neither) also writes G and U [T, I] bf16, the frozen GEMM's sums the backward
+// reads (training). Returns 0, or 1 a shape, alignment or variant it does not take, 2 no
 // cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else the launch's CUDA error.
 extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const void* bgu,
                                         const void* ad, const void* zg, const void* zu,
                                         const void* ids, const void* w, void* hbar, void* zd_part,
-                                        int T, int H, int I, void* stream, int max_ctas) {
-  if (T <= 0 || H <= 0 || I <= 0 || T % kTM != 0 || H % kBK != 0 || I % kTI != 0) return 1;
+                                        void* g_out, void* u_out, int T, int H, int I,
+                                        void* stream, int max_ctas, int variant) {
+  const int tm = tile_rows(variant);
+  if (tm == 0 || T <= 0 || H <= 0 || I <= 0 || T % tm != 0 || H % kBK != 0 || I % kTI != 0) {
+    return 1;
+  }
+  if ((g_out == nullptr) != (u_out == nullptr) || (g_out != nullptr && variant != 1)) return 1;
   const uintptr_t all = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(wgu) |
                         reinterpret_cast<uintptr_t>(bgu) | reinterpret_cast<uintptr_t>(ad) |
                         reinterpret_cast<uintptr_t>(zg) | reinterpret_cast<uintptr_t>(zu) |
                         reinterpret_cast<uintptr_t>(ids) | reinterpret_cast<uintptr_t>(w) |
-                        reinterpret_cast<uintptr_t>(hbar) | reinterpret_cast<uintptr_t>(zd_part);
+                        reinterpret_cast<uintptr_t>(hbar) | reinterpret_cast<uintptr_t>(zd_part) |
+                        reinterpret_cast<uintptr_t>(g_out) | reinterpret_cast<uintptr_t>(u_out);
   if (all % 16 != 0) return 1;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return 2;
   CUtensorMap map_x{}, map_wgu{}, map_bgu{}, map_ad{};
-  if (make_map(&map_x, encode, x, T, H, kTM) != CUDA_SUCCESS ||
+  if (make_map(&map_x, encode, x, T, H, tm) != CUDA_SUCCESS ||
       make_map(&map_wgu, encode, wgu, 2 * I, H, kTN) != CUDA_SUCCESS ||
       make_map(&map_bgu, encode, bgu, 2 * I, kER, kTN) != CUDA_SUCCESS ||
       make_map(&map_ad, encode, ad, kER, I, kER) != CUDA_SUCCESS) {
     return 3;
   }
+  const auto kernel = variant == 0 ? fused_gu_kernel<2> : fused_gu_kernel<1>;
+  const int smem = variant == 0 ? Shape<2>::kSmemBytes : Shape<1>::kSmemBytes;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess) {
-    err = cudaFuncSetAttribute(fused_gu_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kSmemBytes);
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   }
   if (err != cudaSuccess) return static_cast<int>(err);
   const int ctas = max_ctas > 0 ? max_ctas : sms;
-  const Plan plan = make_plan(T, I, ctas);
+  const Plan plan = make_plan(T, I, ctas, tm);
   const int grid = ctas < plan.items ? ctas : plan.items;
-  fused_gu_kernel<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
       map_x, map_wgu, map_bgu, map_ad, static_cast<const __nv_bfloat16*>(zg),
       static_cast<const __nv_bfloat16*>(zu), static_cast<const int*>(ids),
       static_cast<const float*>(w), static_cast<__nv_bfloat16*>(hbar),
-      static_cast<float*>(zd_part), T, H, I, ctas);
+      static_cast<float*>(zd_part), static_cast<__nv_bfloat16*>(g_out),
+      static_cast<__nv_bfloat16*>(u_out), T, H, I, ctas);
   return static_cast<int>(cudaGetLastError());
 }

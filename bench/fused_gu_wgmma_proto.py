@@ -1,9 +1,11 @@
-"""v17: the MoE SwiGLU in our own Hopper gate / up GEMM's epilogue (bench/fused_gu_wgmma_proto.cu,
-bench/NOTES.md v17), checked against the fp32 reference and timed beside cuBLAS.
+"""v17 and v18: the MoE SwiGLU in our own Hopper gate / up GEMM's epilogue
+(bench/fused_gu_wgmma_proto.cu, bench/NOTES.md v17, v18), checked against the fp32 reference and
+timed beside cuBLAS. v17 (variant 0) takes tiles of 128 tokens, v18 (variant 1) of 64 with each
+pair's deltas in sums of their own, and in training also writes G and U for the backward.
 
 What the kernel computes, for T tokens with experts ids [T, 2] and weights w [T, 2] (E = 8,
 R = 16, bf16; s the LoRA scale):
-    g_j = bf16(x Wg^T) + s zg_j Bg[e_j]^T,  u_j likewise,  h_j = silu(g_j) u_j
+    g_j = bf16(x Wg^T) + s zg_j Bg[e_j]^T,  u_j likewise,  h_j = silu(g_j) u_j   (v18: x Wg^T in fp32)
     hbar = bf16(w_0 bf16(h_0) + w_1 h_1)     zd_j = bf16(h_j) Ad[e_j]^T (fp32, [T, 2, R])
 with zg_j = bf16(x Ag[e_j]^T) the shrink's output (the library's moe_swiglu contract).
 
@@ -12,12 +14,12 @@ of 64 ([2 I, H]), Bg and Bu the same way with expert-major columns ([2 I, E R]),
 zg and zu per pair as bf16 [T, 2, R] with s folded in (exact for the power-of-two s used here).
 
 `emulate` is the kernel's decomposition in PyTorch (its work items, tiles, the two warpgroups'
-alternation and zd partials, the pair-1 deltas as (Z_1 - Z_0) onto sums holding delta_0, the
+alternation and zd partials, v17's pair-1 deltas as (Z_1 - Z_0) onto sums holding delta_0, the
 roundings where the kernel rounds): on the CPU it checks the algebra and the layouts `prepare`
-makes (tests/test_bench.py), on the GPU it says, when the kernel disagrees with the reference,
+makes (tests/test_bench_fused_gu.py), on the GPU it says, when the kernel disagrees with the reference,
 whether the disagreement is the decomposition's or the device code's.
 
-    device: timeout 300 python3 bench/fused_gu_wgmma_proto.py [--reps 30] [--json F]
+    device: timeout 300 python3 bench/fused_gu_wgmma_proto.py [--variants 0 1] [--reps 30] [--json F]
     here:   python3 bench/fused_gu_wgmma_proto.py --emulate      (CPU: emulate vs reference)
 """
 import argparse
@@ -36,7 +38,9 @@ sys.path.insert(0, HERE)
 from timing import call_timer, interleaved_medians  # noqa: E402  (bench/timing.py)
 
 E, R, K = 8, 16, 2  # the prototype's experts, rank, pairs (compile-time in the .cu)
-TM, TI = 128, 64    # a tile: tokens, columns of I
+TI = 64             # a tile's columns of I
+VARIANTS = {0: "v17", 1: "v18"}  # the launcher's variant: tiles of 128 / 64 tokens
+TILE_ROWS = {0: 128, 1: 64}
 SCALE = 2.0         # alpha / r of the bench (a power of two: folding it into bf16 z is exact)
 
 # (T, H, I, max_ctas): one tile; several items a CTA with odd tile counts; a few waves; the target
@@ -109,21 +113,24 @@ def reference(p):
     return hbar, zd
 
 
-def plan(T, I, ctas):
+def plan(T, I, ctas, variant=0):
     """make_plan of the .cu: (m_blocks, n_tiles, n_chunks, tiles_per_chunk, items)."""
-    m_blocks, n_tiles = T // TM, I // TI
+    m_blocks, n_tiles = T // TILE_ROWS[variant], I // TI
     chunks = min(max(ctas // m_blocks, 1), n_tiles)
     per_chunk = -(-n_tiles // chunks)
     n_chunks = -(-n_tiles // per_chunk)
     return m_blocks, n_tiles, n_chunks, per_chunk, m_blocks * n_chunks
 
 
-def emulate(op, ctas):
+def emulate(op, ctas, variant=0):
     """The kernel's decomposition in PyTorch (fp32 where it sums in fp32): (hbar bf16 [T, I],
-    zd_part [P, T, 2, R] fp32, and the (item, warpgroup) partials written, for the tests)."""
+    zd_part [P, T, 2, R] fp32, and the (item, warpgroup) partials written, for the tests).
+    v17 rounds G and U to bf16 and adds pair 1's deltas as (Z_1 - Z_0) onto pair 0's sums; v18
+    keeps them fp32 and adds each pair's deltas to them apart."""
     x, wgu, bgu, ad = op["x"], op["wgu"], op["bgu"], op["ad"]
     T, I = x.shape[0], ad.shape[1]
-    m_blocks, n_tiles, n_chunks, per_chunk, items = plan(T, I, ctas)
+    TM = TILE_ROWS[variant]
+    m_blocks, n_tiles, n_chunks, per_chunk, items = plan(T, I, ctas, variant)
     grid = min(ctas, items)
     dt = x.dtype
     hbar = torch.full((T, I), float("nan"), dtype=dt, device=x.device)
@@ -144,16 +151,24 @@ def emulate(op, ctas):
             for nt in range(chunk * per_chunk, min(n_tiles, (chunk + 1) * per_chunk)):
                 own = i % 2
                 cols = slice(nt * 2 * TI, (nt + 1) * 2 * TI)
-                acc = (x[rows].float() @ wgu[cols].float().t()).to(dt).float()  # [TM, 128]
+                base = x[rows].float() @ wgu[cols].float().t()  # [TM, 128]: 64 of G, 64 of U
+                if variant == 0:
+                    base = base.to(dt).float()
                 b = bgu[cols].float()  # [128, E R]: rows 0-63 G's, 64-127 U's
                 a_t = ad[:, nt * TI:(nt + 1) * TI].float()  # [E R, 64]
+                acc = base.clone()
                 acc[:, :TI] += zgj[0] @ b[:TI].t()
                 acc[:, TI:] += zuj[0] @ b[TI:].t()
                 h0 = (torch.nn.functional.silu(acc[:, :TI]) * acc[:, TI:]).to(dt)
                 zsum[own, :, 0] += ((h0.float() @ a_t.t()).view(TM, E, R) *
                                     mask[0].view(TM, E, R)).sum(1)
-                acc[:, :TI] += (zgj[1] - zgj[0]) @ b[:TI].t()
-                acc[:, TI:] += (zuj[1] - zuj[0]) @ b[TI:].t()
+                if variant == 0:
+                    acc[:, :TI] += (zgj[1] - zgj[0]) @ b[:TI].t()
+                    acc[:, TI:] += (zuj[1] - zuj[0]) @ b[TI:].t()
+                else:
+                    acc = base.clone()
+                    acc[:, :TI] += zgj[1] @ b[:TI].t()
+                    acc[:, TI:] += zuj[1] @ b[TI:].t()
                 h1 = torch.nn.functional.silu(acc[:, :TI]) * acc[:, TI:]
                 hbar[rows, nt * TI:(nt + 1) * TI] = (wr[:, 1:2] * h1 + wr[:, 0:1] * h0.float()).to(dt)
                 zsum[own, :, 1] += ((h1.to(dt).float() @ a_t.t()).view(TM, E, R) *
@@ -171,7 +186,7 @@ def errors(hbar, zd, ref_hbar, ref_zd):
     return dict(hbar=rel(hbar, ref_hbar), zd=rel(zd, ref_zd))
 
 
-BOUND = 2.0 ** -6  # 4 bf16 ulps of the largest value: the kernel rounds G, U, h0 and hbar
+BOUND = 2.0 ** -6  # 4 bf16 ulps of the largest value: the kernels round (G, U,) h0 and hbar
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,12 +197,31 @@ NVCC = ["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-
 
 
 def ptxas_report(stderr):
-    """What ptxas -v said of the kernel: spill bytes, and its warnings that every wgmma of the
-    kernel is serialized (C7511 for registers, C7515 for accumulators written between wgmma):
-    under either the main loop loses its overlap and no timing measures the design."""
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", stderr)]
-    return dict(spill_store_bytes=max(spills, default=0),
-                serialized=sorted(set(re.findall(r"\((C751\d)\)", stderr))))
+    """What ptxas -v said of each kernel (by the name in its mangled one, e.g. fused_gu_kernel<1>):
+    spill bytes, and its warnings that every wgmma of the kernel is serialized (C7511 for
+    registers, C7512, C7515 for accumulators written between wgmma): under any of them the main
+    loop loses its overlap and no timing measures the design."""
+    def short(mangled):
+        names = re.findall(r"\d((?:wgmma_gemm|fused_gu)\w*?kernel)", mangled)
+        tmpl = re.search(r"kernelILi(\d+)E", mangled)
+        base = names[-1] if names else mangled
+        return f"{base}<{tmpl.group(1)}>" if tmpl else base
+    report, current = {}, None
+    for line in stderr.splitlines():
+        fn = re.search(r"(?:Compiling entry function|in the function) '([^']+)'", line)
+        if fn is None:
+            m = re.search(r"(\d+) bytes spill stores", line)
+            if m and current is not None:
+                report[current]["spill_store_bytes"] = int(m.group(1))
+            continue
+        name = short(fn.group(1))
+        entry = report.setdefault(name, dict(spill_store_bytes=0, serialized=[]))
+        warning = re.search(r"\((C75\d\d)\)", line)
+        if warning:
+            entry["serialized"] = sorted(set(entry["serialized"]) | {warning.group(1)})
+        else:
+            current = name
+    return report
 
 
 def build(out_dir):
@@ -199,66 +233,86 @@ def build(out_dir):
         raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
     report = ptxas_report(done.stderr)
     print(f"ptxas: {json.dumps(report)}", flush=True)
-    if report["serialized"]:
-        print("WARNING: ptxas serialized the kernel's wgmma: timings below are not the design's", flush=True)
+    for name, entry in report.items():
+        if entry["serialized"]:
+            print(f"WARNING: ptxas serialized {name}'s wgmma: its timings are not the design's", flush=True)
     so = ctypes.CDLL(lib)
-    so.fused_gu_partials.argtypes = [ctypes.c_int] * 3
+    so.fused_gu_partials.argtypes = [ctypes.c_int] * 4
     so.fused_gu_partials.restype = ctypes.c_int
-    so.fused_gu_moe_swiglu_bf16.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int] * 3 + [ctypes.c_void_p, ctypes.c_int]
+    so.fused_gu_moe_swiglu_bf16.argtypes = ([ctypes.c_void_p] * 12 + [ctypes.c_int] * 3 +
+                                            [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     so.fused_gu_moe_swiglu_bf16.restype = ctypes.c_int
     so.ptxas = report
     return so
 
 
-def fused(so, op, max_ctas=0, out=None):
-    """hbar [T, I] bf16 and zd_part [P, T, 2, R] fp32 from the kernel (out: reuse these)."""
+def fused(so, op, max_ctas=0, out=None, variant=0, gu=None):
+    """hbar [T, I] bf16 and zd_part [P, T, 2, R] fp32 from the kernel (out: reuse these); with
+    gu = (G, U) [T, I] bf16 (v18, training) also the frozen GEMM's sums into them."""
     x = op["x"]
     T, H, I = x.shape[0], x.shape[1], op["ad"].shape[1]
     if out is None:
-        P = so.fused_gu_partials(T, I, max_ctas)
+        P = so.fused_gu_partials(T, I, max_ctas, variant)
         if P <= 0:
-            raise RuntimeError(f"fused_gu_partials({T}, {I}) = {P}")
+            raise RuntimeError(f"fused_gu_partials({T}, {I}, {max_ctas}, {variant}) = {P}")
         out = (torch.empty(T, I, device=x.device, dtype=x.dtype),
                torch.empty(P, T, K, R, device=x.device, dtype=torch.float32))
     hbar, part = out
     ptrs = [op[n].data_ptr() for n in ("x", "wgu", "bgu", "ad", "zg", "zu", "ids", "w")]
-    code = so.fused_gu_moe_swiglu_bf16(*ptrs, hbar.data_ptr(), part.data_ptr(), T, H, I,
-                                       torch.cuda.current_stream().cuda_stream, max_ctas)
+    g, u = (gu[0].data_ptr(), gu[1].data_ptr()) if gu is not None else (None, None)
+    code = so.fused_gu_moe_swiglu_bf16(*ptrs, hbar.data_ptr(), part.data_ptr(), g, u, T, H, I,
+                                       torch.cuda.current_stream().cuda_stream, max_ctas, variant)
     if code != 0:
         raise RuntimeError(f"fused_gu_moe_swiglu_bf16 returned {code}")
     return hbar, part
 
 
-def check(so, T, H, I, max_ctas):
+def check(so, variant, T, H, I, max_ctas):
     p = Problem(T, H, I, "cuda")
     op = prepare(p)
     ref_hbar, ref_zd = reference(p)
-    row = dict(T=T, H=H, I=I, max_ctas=max_ctas)
-    P = so.fused_gu_partials(T, I, max_ctas)
+    row = dict(variant=VARIANTS[variant], T=T, H=H, I=I, max_ctas=max_ctas)
+    P = so.fused_gu_partials(T, I, max_ctas, variant)
     runs = []
     for _ in range(2):
         out = (torch.full((T, I), float("nan"), device="cuda", dtype=torch.bfloat16),
                torch.full((P, T, K, R), float("nan"), device="cuda"))
-        runs.append(fused(so, op, max_ctas, out))
+        gu = None
+        if variant == 1:  # training: G and U out too (NaN before)
+            gu = tuple(torch.full((T, I), float("nan"), device="cuda", dtype=torch.bfloat16)
+                       for _ in range(2))
+        runs.append(fused(so, op, max_ctas, out, variant, gu) + (gu,))
     torch.cuda.synchronize()
-    hbar, part = runs[0]
+    hbar, part, gu = runs[0]
     row.update(errors(hbar, part.sum(0), ref_hbar, ref_zd))
     row["nan"] = bool(torch.isnan(hbar).any().item() or torch.isnan(part).any().item())
     row["repeat_identical"] = bool(torch.equal(hbar, runs[1][0]) and torch.equal(part, runs[1][1]))
+    gu_ok = True
+    if gu is not None:  # against the fp32 products, to a bf16 ulp of their largest value and cuBLAS's error
+        xf = p.x.float()
+        for name, got, W in (("G", gu[0], p.Wg), ("U", gu[1], p.Wu)):
+            exact = xf @ W.float().t()
+            err = (got.float() - exact).abs().max().item()
+            bound = 2 * ((p.x @ W.t()).float() - exact).abs().max().item() + exact.abs().max().item() * 2.0 ** -8
+            row[f"{name}_error"], row[f"{name}_bound"] = err, bound
+            gu_ok = gu_ok and err <= bound and not torch.isnan(got).any().item()
+        row["gu_repeat_identical"] = bool(all(torch.equal(a, b) for a, b in zip(gu, runs[1][2])))
+        gu_ok = gu_ok and row["gu_repeat_identical"]
     # the decomposition on the GPU in fp32: where the kernel and the reference disagree, this
     # says whose the difference is (ctas as the kernel's plan saw them)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if T * I <= 1024 * 1024:
-        e_hbar, e_part, _ = emulate(op, max_ctas if max_ctas > 0 else sms)
+        e_hbar, e_part, _ = emulate(op, max_ctas if max_ctas > 0 else sms, variant)
         row["vs_emulation"] = errors(hbar, part.sum(0), e_hbar.float(), e_part.sum(0))
         row["emulation_vs_reference"] = errors(e_hbar, e_part.sum(0), ref_hbar, ref_zd)
-    row["ok"] = (not row["nan"] and row["repeat_identical"] and row["hbar"] <= BOUND
-                 and row["zd"] <= BOUND)
-    print(f"check T={T} H={H} I={I} ctas={max_ctas or sms}: " + json.dumps(row), flush=True)
+    row["ok"] = bool(not row["nan"] and row["repeat_identical"] and row["hbar"] <= BOUND
+                     and row["zd"] <= BOUND and gu_ok)
+    print(f"check {VARIANTS[variant]} T={T} H={H} I={I} ctas={max_ctas or sms}: " + json.dumps(row),
+          flush=True)
     return row
 
 
-def dense_lora_split(so, T, H, I):
+def dense_lora_split(so, variant, T, H, I):
     """When a check fails: the same shape with the LoRA zeroed (zg = zu = 0: the GEMM, the
     interleave and the SwiGLU alone) and with only pair 0's experts' z (the masks and deltas)."""
     p = Problem(T, H, I, "cuda")
@@ -266,21 +320,21 @@ def dense_lora_split(so, T, H, I):
                        ("pair0_only", lambda q: (q.zg[:, 1].zero_(), q.zu[:, 1].zero_()))):
         edit(p)
         op = prepare(p)
-        hbar, part = fused(so, op)
+        hbar, part = fused(so, op, variant=variant)
         ref_hbar, ref_zd = reference(p)
-        print(f"diagnose {name} T={T} H={H} I={I}: " +
+        print(f"diagnose {VARIANTS[variant]} {name} T={T} H={H} I={I}: " +
               json.dumps(errors(hbar, part.sum(0), ref_hbar, ref_zd)), flush=True)
 
 
 CALLS = 5  # calls a timed sample: the host's work for one call overlaps the GPU's of the last
 
 
-def time_shape(so, T, H, I, reps):
-    """Ours (hbar and zd partials, then their sum) beside cuBLAS's gate / up GEMM + silu(G) * U
-    (the dense MLP's part this replaces) and the library's path (the same GEMM + moe_swiglu)."""
+def time_shape(so, variants, T, H, I, reps):
+    """Ours (hbar and zd partials, then their sum; v18 also in training, writing G and U) beside
+    cuBLAS's gate / up GEMM + silu(G) * U (the dense MLP's part this replaces) and the library's
+    path (the same GEMM + moe_swiglu)."""
     p = Problem(T, H, I, "cuda")
     op = prepare(p)
-    out = fused(so, op)
     wgu = torch.cat([p.Wg, p.Wu])
     silu = torch.nn.functional.silu
 
@@ -294,8 +348,16 @@ def time_shape(so, T, H, I, reps):
         gu = p.x @ wgu.t()
         return silu(gu[:, :I]) * gu[:, I:]
 
-    fns = dict(fused=repeated(lambda: (fused(so, op, 0, out), out[1].sum(0))),
-               cublas_gu=repeated(lambda: p.x @ wgu.t()), dense_gu_swiglu=repeated(dense))
+    fns = {}
+    for v in variants:
+        out = fused(so, op, variant=v)
+        fns[VARIANTS[v]] = repeated(lambda v=v, out=out: (fused(so, op, 0, out, v), out[1].sum(0)))
+        if v == 1:
+            gu = (torch.empty(T, I, device="cuda", dtype=torch.bfloat16),
+                  torch.empty(T, I, device="cuda", dtype=torch.bfloat16))
+            fns["v18_training"] = repeated(
+                lambda out=out, gu=gu: (fused(so, op, 0, out, 1, gu), out[1].sum(0)))
+    fns.update(cublas_gu=repeated(lambda: p.x @ wgu.t()), dense_gu_swiglu=repeated(dense))
     try:
         from mixlora_ext import ops
         zg, zu = p.zg.float(), p.zu.float()
@@ -309,37 +371,44 @@ def time_shape(so, T, H, I, reps):
         print(f"library path not timed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     got = {n: ms / CALLS for n, ms in interleaved_medians(fns, reps, call_timer(torch.device("cuda"))).items()}
     row = dict(T=T, H=H, I=I, **{f"{n}_ms": ms for n, ms in got.items()})
-    row["fused_vs_dense_gu_swiglu"] = got["fused"] / got["dense_gu_swiglu"]
-    row["fused_tflops"] = 2 * T * H * 2 * I / got["fused"] / 1e9
-    print(f"time T={T} H={H} I={I}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in got.items()) +
-          f"; fused / dense {row['fused_vs_dense_gu_swiglu']:.3f}", flush=True)
+    for v in variants:
+        name = VARIANTS[v]
+        row[f"{name}_vs_dense_gu_swiglu"] = got[name] / got["dense_gu_swiglu"]
+        row[f"{name}_tflops"] = 2 * T * H * 2 * I / got[name] / 1e9
+    print(f"time T={T} H={H} I={I}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in got.items()) + "; / dense " +
+          ", ".join(f"{VARIANTS[v]} {row[VARIANTS[v] + '_vs_dense_gu_swiglu']:.3f}" for v in variants), flush=True)
     return row
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--variants", type=int, nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="0 v17 (128-token tiles), 1 v18 (64-token tiles, also in training)")
     parser.add_argument("--json", default=None, help="write the checks and timings here")
     parser.add_argument("--emulate", action="store_true", help="CPU: the decomposition vs the reference")
     a = parser.parse_args()
     if a.emulate:
-        for T, H, I, ctas in CHECK_SHAPES[:3]:
-            p = Problem(T, H, I, "cpu")
-            hbar, part, _ = emulate(prepare(p), ctas)
-            print(f"emulate T={T} H={H} I={I} ctas={ctas}:", json.dumps(errors(hbar, part.sum(0), *reference(p))))
+        for v in a.variants:
+            for T, H, I, ctas in CHECK_SHAPES[:3]:
+                p = Problem(T, H, I, "cpu")
+                hbar, part, _ = emulate(prepare(p), ctas, v)
+                print(f"emulate {VARIANTS[v]} T={T} H={H} I={I} ctas={ctas}:",
+                      json.dumps(errors(hbar, part.sum(0), *reference(p))))
         return
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("needs a Hopper GPU (sm_90) and a CUDA build of torch")
     torch.backends.cuda.matmul.allow_tf32 = False
     with tempfile.TemporaryDirectory() as tmp:
         so = build(tmp)
-        checks = [check(so, *s) for s in CHECK_SHAPES]
-        ok = all(c["ok"] for c in checks)
-        if not ok:
-            dense_lora_split(so, *CHECK_SHAPES[3][:3])
-        rows = [time_shape(so, *s, a.reps) for s in TIME_SHAPES] if ok else []
-        if not ok:
-            print("wrong results: no timings", flush=True)
+        checks = [check(so, v, *s) for v in a.variants for s in CHECK_SHAPES]
+        correct = [v for v in a.variants if all(c["ok"] for c in checks if c["variant"] == VARIANTS[v])]
+        for v in a.variants:
+            if v not in correct:
+                dense_lora_split(so, v, *CHECK_SHAPES[3][:3])
+        rows = [time_shape(so, correct, *s, a.reps) for s in TIME_SHAPES] if correct else []
+        if not correct:
+            print("no variant gave correct results: no timings", flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ptxas=so.ptxas,
                   checks=checks, rows=rows, command=" ".join(sys.argv))
     if a.json:

@@ -9,7 +9,8 @@ line for line. Checked at every step: a consumer's MMAs read the stage holding t
 (tile, K step), no copy lands in a stage an unfinished MMA group still reads, every tile's every K
 step is consumed once by the warpgroup that owns it, and nothing deadlocks.
 
-Variant 2 (FUSED, `fused_gu_kernel`): the ping-pong of variant 1 with 4 stages, work split into
+Variant 2 (FUSED, `fused_gu_kernel`, v17 and v18 alike: 4 stages on even seeds as v17's tiles of
+128 tokens, 6 on odd ones as v18's of 64): the ping-pong of variant 1, work split into
 items (a 128-token block, a chunk of 64-column tiles; `make_plan` below mirrors the kernel's), a
 CTA taking items blockIdx, blockIdx + grid, .. and numbering its tiles i = 0, 1, .. across them
 (consumer warpgroup `own` takes those with i % 2 == own), and one epilogue buffer: after a tile's
@@ -268,12 +269,12 @@ def make_plan(T, I, ctas):
     return Plan(T, I, ctas)
 
 
-def simulate_fused(m_blocks, n_tiles, k_steps, ctas, seed, fault=None, grid=None):
+def simulate_fused(m_blocks, n_tiles, k_steps, ctas, seed, fault=None, grid=None, stages=4):
     """One random interleaving of variant 2 for T = 128 m_blocks tokens, I = 64 n_tiles columns,
     H = 64 k_steps, a plan for `ctas` CTAs and a grid of `grid` (default the launcher's,
     min(ctas, items); the kernel takes any fewer); raises Violation (or AssertionError) on a fault."""
     rng = random.Random(seed)
-    stages = 4  # kStages
+    # kStages: 4 for v17 (fused_gu_kernel<2>), 6 for v18 (<1>); the protocol is the same
     plan = make_plan(m_blocks * kTM, n_tiles * kTI, ctas)
     grid = min(ctas, plan.items) if grid is None else grid
     assert 1 <= grid <= min(ctas, plan.items)
@@ -619,8 +620,8 @@ def run(seeds, verbose=False, fault=None, variants=(COOPERATIVE, PINGPONG, FUSED
         cluster = dict(m_pairs=rng.randint(1, 2), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
                        ctas=rng.randint(2, 8))
         for variant in variants:
-            if variant == FUSED:
-                simulate_fused(seed=seed, fault=fault, **fused)
+            if variant == FUSED:  # v17's stage count on even seeds, v18's on odd ones
+                simulate_fused(seed=seed, fault=fault, stages=4 if seed % 2 == 0 else 6, **fused)
             elif variant == CLUSTER:
                 simulate_cluster(seed=seed, fault=fault, **cluster)
             else:
