@@ -146,9 +146,28 @@ __device__ __forceinline__ float silu_mul(float g, float u) {
   return mixlora::cuda::activation_at<mixlora::kSilu, float>(mixlora::kSilu, g).a * u;
 }
 
+// The CTA's place in the work: its first item and the item stride (its cluster's, when the CTAs
+// go in pairs), and its token rows of an item.
+template <int CLUSTER>
+struct Walk {
+  int first, stride, rank;
+  __device__ __forceinline__ Walk() {
+    rank = CLUSTER == 2 ? static_cast<int>(cluster_rank()) : 0;
+    first = static_cast<int>(blockIdx.x) / CLUSTER;
+    stride = static_cast<int>(gridDim.x) / CLUSTER;
+  }
+  // the first token row of the item's block for this CTA (v18c: blocks 2 m and 2 m + 1 of 64)
+  __device__ __forceinline__ int m0(const Plan& plan, int item, int tm) const {
+    return ((item % plan.m_blocks) * CLUSTER + rank) * tm;
+  }
+};
+
 // The producer thread: for each of the CTA's tiles, its K steps into the stages, then its
 // epilogue operands into the epilogue buffer once the previous tile's epilogue released it.
-template <int HALVES>
+// v18c (CLUSTER 2): the two CTAs of a cluster take the two 64-token blocks of an item in
+// lockstep; each copies its own x rows and half of the weight rows and of the epilogue operands,
+// the halves multicast into both CTAs (whose barriers then count both CTAs' bytes and releases).
+template <int HALVES, int CLUSTER>
 __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensorMap* map_wgu,
                                         const CUtensorMap* map_bgu, const CUtensorMap* map_ad,
                                         uint32_t base, uint32_t epi, uint32_t full0,
@@ -156,24 +175,47 @@ __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensor
                                         const Plan& plan, int k_steps) {
   using S = Shape<HALVES>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes, kABytes = S::kABytes;
+  constexpr int kPart = 128 / CLUSTER;  // rows of a 128-row box each producer copies
+  const Walk<CLUSTER> walk;
+  const uint16_t both = 0x3;
   int it = 0, i = 0;
-  for (int item = blockIdx.x; item < plan.items; item += gridDim.x) {
-    const int m0 = (item % plan.m_blocks) * S::kTM, chunk = item / plan.m_blocks;
+  for (int item = walk.first; item < plan.items; item += walk.stride) {
+    const int m0 = walk.m0(plan, item, S::kTM), chunk = item / plan.m_blocks;
     const int nt1 = min(plan.n_tiles, (chunk + 1) * plan.tiles_per_chunk);
     for (int nt = chunk * plan.tiles_per_chunk; nt < nt1; ++nt, ++i) {
       for (int ks = 0; ks < k_steps; ++ks, ++it) {
         const int s = it % kStages;
-        mbar_wait(empty0 + 8 * s, (static_cast<uint32_t>(it / kStages) & 1u) ^ 1u);
+        const uint32_t parity = (static_cast<uint32_t>(it / kStages) & 1u) ^ 1u;
         const uint32_t sa = base + s * kStageBytes;
-        mbar_expect_tx(full0 + 8 * s, kStageBytes);
-        tma_load_2d(sa, map_x, full0 + 8 * s, ks * kBK, m0);
-        tma_load_2d(sa + kABytes, map_wgu, full0 + 8 * s, ks * kBK, nt * kTN);
+        if constexpr (CLUSTER == 2) {
+          mbar_wait<true>(empty0 + 8 * s, parity);
+          mbar_expect_tx(full0 + 8 * s, kStageBytes);
+          tma_load_2d(sa, map_x, full0 + 8 * s, ks * kBK, m0);
+          tma_load_2d_multicast(sa + kABytes + walk.rank * kPart * kRowBytes, map_wgu, full0 + 8 * s,
+                                ks * kBK, nt * kTN + walk.rank * kPart, both);
+        } else {
+          mbar_wait(empty0 + 8 * s, parity);
+          mbar_expect_tx(full0 + 8 * s, kStageBytes);
+          tma_load_2d(sa, map_x, full0 + 8 * s, ks * kBK, m0);
+          tma_load_2d(sa + kABytes, map_wgu, full0 + 8 * s, ks * kBK, nt * kTN);
+        }
       }
-      mbar_wait(epi_empty, (static_cast<uint32_t>(i) & 1u) ^ 1u);
-      mbar_expect_tx(epi_full, kEpiBytes);
-      tma_load_2d(epi, map_bgu, epi_full, 0, nt * kTN);
-      tma_load_2d(epi + kBoxBytes, map_bgu, epi_full, kBK, nt * kTN);
-      tma_load_2d(epi + 2 * kBoxBytes, map_ad, epi_full, nt * kTI, 0);
+      const uint32_t parity = (static_cast<uint32_t>(i) & 1u) ^ 1u;
+      if constexpr (CLUSTER == 2) {
+        mbar_wait<true>(epi_empty, parity);
+        mbar_expect_tx(epi_full, kEpiBytes);
+        const uint32_t part = walk.rank * kPart * kRowBytes;
+        const int row = walk.rank * kPart;
+        tma_load_2d_multicast(epi + part, map_bgu, epi_full, 0, nt * kTN + row, both);
+        tma_load_2d_multicast(epi + kBoxBytes + part, map_bgu, epi_full, kBK, nt * kTN + row, both);
+        tma_load_2d_multicast(epi + 2 * kBoxBytes + part, map_ad, epi_full, nt * kTI, row, both);
+      } else {
+        mbar_wait(epi_empty, parity);
+        mbar_expect_tx(epi_full, kEpiBytes);
+        tma_load_2d(epi, map_bgu, epi_full, 0, nt * kTN);
+        tma_load_2d(epi + kBoxBytes, map_bgu, epi_full, kBK, nt * kTN);
+        tma_load_2d(epi + 2 * kBoxBytes, map_ad, epi_full, nt * kTI, 0);
+      }
     }
   }
 }
@@ -298,42 +340,6 @@ __device__ __forceinline__ void add_zd(float* zd, const uint32_t (&h)[16], const
   }
 }
 
-// One 64-row half of a tile: deltas, SwiGLU, combine, zd. d: [64 G | 64 U] of the half's rows.
-__device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const Rows& rw,
-                                              const uint32_t* __restrict__ zg32,
-                                              const uint32_t* __restrict__ zu32, uint32_t epi,
-                                              __nv_bfloat16* __restrict__ hbar_rows, int64_t ld,
-                                              int q) {
-  const uint32_t ad = epi + 2 * kBoxBytes;
-  const int e0[2] = {rw.e[0][0], rw.e[1][0]}, e1[2] = {rw.e[0][1], rw.e[1][1]};
-  uint32_t h[16];
-  add_deltas<0>(d, rw, epi, zg32, zu32);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      h[2 * j + r] = bf16x2(silu_mul(d[4 * j + 2 * r], d[32 + 4 * j + 2 * r]),
-                            silu_mul(d[4 * j + 2 * r + 1], d[32 + 4 * j + 2 * r + 1]));
-    }
-  }
-  add_zd(zd, h, e0, ad);
-  add_deltas<1>(d, rw, epi, zg32, zu32);
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float2 h0 = unpack_bf16x2(h[2 * j + r]);
-      const float a = silu_mul(d[4 * j + 2 * r], d[32 + 4 * j + 2 * r]);
-      const float b = silu_mul(d[4 * j + 2 * r + 1], d[32 + 4 * j + 2 * r + 1]);
-      const float w0 = rw.w[r][0], w1 = rw.w[r][1];
-      *reinterpret_cast<uint32_t*>(hbar_rows + 8 * r * ld + 8 * j + 2 * q) =
-          bf16x2(fmaf(w1, a, w0 * h0.x), fmaf(w1, b, w0 * h0.y));
-      h[2 * j + r] = bf16x2(a, b);
-    }
-  }
-  add_zd(zd + kRank, h, e1, ad);
-}
-
 // The deltas of pair PAIR alone, into fresh sums dl (64 rows x [64 of G | 64 of U]).
 template <int PAIR>
 __device__ __forceinline__ void deltas_fresh(float (&dl)[64], const Rows& rw, uint32_t epi,
@@ -366,36 +372,54 @@ __device__ __forceinline__ void deltas_fresh(float (&dl)[64], const Rows& rw, ui
   }
 }
 
-// One 64-row half of a tile, the deltas in their own sums (v18): d is only read.
-__device__ __forceinline__ void epilogue_half_sep(const float (&d)[64], float* zd, const Rows& rw,
-                                                  const uint32_t* __restrict__ zg32,
-                                                  const uint32_t* __restrict__ zu32, uint32_t epi,
-                                                  __nv_bfloat16* __restrict__ hbar_rows, int64_t ld,
-                                                  int q) {
+// One 64-row half of a tile: deltas, SwiGLU, combine, zd. d: [64 G | 64 U] of the half's rows.
+// v17 (SEPARATE false) adds the deltas onto d (pair 1's as Z_1 - Z_0); v18 (true) into sums of
+// their own, d only read, so no ordinary instruction or epilogue wgmma touches the main loop's
+// accumulators (NOTES v18).
+template <bool SEPARATE>
+__device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const Rows& rw,
+                                              const uint32_t* __restrict__ zg32,
+                                              const uint32_t* __restrict__ zu32, uint32_t epi,
+                                              __nv_bfloat16* __restrict__ hbar_rows, int64_t ld,
+                                              int q) {
   const uint32_t ad = epi + 2 * kBoxBytes;
   const int e0[2] = {rw.e[0][0], rw.e[1][0]}, e1[2] = {rw.e[0][1], rw.e[1][1]};
   uint32_t h[16];
-  float dl[64];
-  deltas_fresh<0>(dl, rw, epi, zg32, zu32);
+  float dl[SEPARATE ? 64 : 1];  // (v18) the pair's deltas
+  if constexpr (SEPARATE) {
+    deltas_fresh<0>(dl, rw, epi, zg32, zu32);
+  } else {
+    add_deltas<0>(d, rw, epi, zg32, zu32);
+  }
+  // g (v < 32) or u of the pair at accumulator index v
+  const auto sum = [&](int v) {
+    if constexpr (SEPARATE) {
+      return d[v] + dl[v];
+    } else {
+      return d[v];
+    }
+  };
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int g = 4 * j + 2 * r, u = 32 + 4 * j + 2 * r;
-      h[2 * j + r] = bf16x2(silu_mul(d[g] + dl[g], d[u] + dl[u]),
-                            silu_mul(d[g + 1] + dl[g + 1], d[u + 1] + dl[u + 1]));
+      h[2 * j + r] = bf16x2(silu_mul(sum(g), sum(u)), silu_mul(sum(g + 1), sum(u + 1)));
     }
   }
   add_zd(zd, h, e0, ad);
-  deltas_fresh<1>(dl, rw, epi, zg32, zu32);
+  if constexpr (SEPARATE) {
+    deltas_fresh<1>(dl, rw, epi, zg32, zu32);
+  } else {
+    add_deltas<1>(d, rw, epi, zg32, zu32);
+  }
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int g = 4 * j + 2 * r, u = 32 + 4 * j + 2 * r;
       const float2 h0 = unpack_bf16x2(h[2 * j + r]);
-      const float a = silu_mul(d[g] + dl[g], d[u] + dl[u]);
-      const float b = silu_mul(d[g + 1] + dl[g + 1], d[u + 1] + dl[u + 1]);
+      const float a = silu_mul(sum(g), sum(u)), b = silu_mul(sum(g + 1), sum(u + 1));
       const float w0 = rw.w[r][0], w1 = rw.w[r][1];
       *reinterpret_cast<uint32_t*>(hbar_rows + 8 * r * ld + 8 * j + 2 * q) =
           bf16x2(fmaf(w1, a, w0 * h0.x), fmaf(w1, b, w0 * h0.y));
@@ -407,7 +431,7 @@ __device__ __forceinline__ void epilogue_half_sep(const float (&d)[64], float* z
 
 #endif  // sm_90a
 
-template <int HALVES>
+template <int HALVES, int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gu_kernel(const __grid_constant__ CUtensorMap map_x,
                     const __grid_constant__ CUtensorMap map_wgu,
@@ -429,23 +453,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t epi_full = empty0 + 8 * kStages, epi_empty = epi_full + 8;
   const uint32_t turn0 = epi_empty + 8;  // turn[w] at turn0 + 8 w
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
-  const Plan plan = make_plan(T, I, plan_ctas, kTM);  // the launcher's: gridDim.x may be fewer
+  // the launcher's plan (gridDim.x may be fewer), over clusters and pairs of token blocks in v18c
+  const Plan plan = make_plan(T, I, plan_ctas / CLUSTER, kTM * CLUSTER);
+  const Walk<CLUSTER> walk;
   const int k_steps = H / kBK;
   if (threadIdx.x == 0) {
-    init_stage_barriers(full0, empty0, kStages, 4);  // "empty": the 4 warps of the tile's owner
+    // "empty" and the epilogue buffer's: the 4 warps of the tile's owner, in each CTA of v18c
+    init_stage_barriers(full0, empty0, kStages, 4 * CLUSTER);
     mbar_init(epi_full, 1);
-    mbar_init(epi_empty, 4);
+    mbar_init(epi_empty, 4 * CLUSTER);
     mbar_init(turn0, 4);
     mbar_init(turn0 + 8, 4);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (CLUSTER == 2) {
+    cluster_sync();  // no copy or release reaches the other CTA's barriers before they are made
+  } else {
+    __syncthreads();
+  }
   if (wg == 0) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {
-      produce<HALVES>(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0, empty0, epi_full,
-                      epi_empty, plan, k_steps);
+      produce<HALVES, CLUSTER>(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0, empty0,
+                               epi_full, epi_empty, plan, k_steps);
     }
+    if constexpr (CLUSTER == 2) cluster_sync();  // (the consumers' at the end)
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
@@ -460,8 +492,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int v = 0; v < 64; ++v) d0[v] = d1[v] = 0.f;
   int i = 0, turns = 0;
-  for (int item = blockIdx.x; item < plan.items; item += gridDim.x) {
-    const int m0 = (item % plan.m_blocks) * kTM, chunk = item / plan.m_blocks;
+  // (without clusters the loop written as v17 first had it: v17's registers fit ptxas's
+  // pipelining by heuristics that an equivalent form of this loop upsets, NOTES v17 / v18c)
+  for (int item = CLUSTER == 1 ? static_cast<int>(blockIdx.x) : walk.first; item < plan.items;
+       item += CLUSTER == 1 ? static_cast<int>(gridDim.x) : walk.stride) {
+    const int m0 = CLUSTER == 1 ? (item % plan.m_blocks) * kTM : walk.m0(plan, item, kTM);
+    const int chunk = item / plan.m_blocks;
     const int nt1 = min(plan.n_tiles, (chunk + 1) * plan.tiles_per_chunk);
     // the thread's entries of this warpgroup's zd sums: rows 16 warp + lane / 4 (+ 8, + 64,
     // + 72), ranks 2 q, 2 q + 1, 8 + 2 q, 9 + 2 q of both pairs; no other thread touches them
@@ -503,7 +539,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<1>();
         fence_operands(d0);
         if constexpr (HALVES == 2) fence_operands(d1);
-        if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+        if (previous >= 0 && lane == 0) release<CLUSTER>(empty0 + 8 * previous, static_cast<uint32_t>(walk.rank));
         previous = s;
       }
       mbar_wait(epi_full, static_cast<uint32_t>(i) & 1u);
@@ -511,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_operands(d0);
       if constexpr (HALVES == 2) fence_operands(d1);
-      if (lane == 0) mbar_arrive(empty0 + 8 * previous);
+      if (lane == 0) release<CLUSTER>(empty0 + 8 * previous, static_cast<uint32_t>(walk.rank));
 
       const int row = m0 + warp * 16 + lane / 4;  // the thread's first row in half 0
       __nv_bfloat16* hbar_rows = hbar + static_cast<int64_t>(row) * I + nt * kTI;
@@ -528,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           d0[2 * v + 1] = r.y;
         }
         load_rows(rw, ids, w, row, q);
-        epilogue_half(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
+        epilogue_half<false>(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
 #pragma unroll
         for (int v = 0; v < 32; ++v) {
           const float2 r = unpack_bf16x2(wait1[v]);
@@ -536,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           d1[2 * v + 1] = r.y;
         }
         load_rows(rw, ids, w, row + 64, q);
-        epilogue_half(d1, zd_mine + 64 * kZdRowWords, rw, zg32, zu32, epi,
+        epilogue_half<false>(d1, zd_mine + 64 * kZdRowWords, rw, zg32, zu32, epi,
                       hbar_rows + static_cast<int64_t>(64) * I, I, q);
       } else {
         // v18: the sums stay fp32 into the deltas (no ordinary instruction writes an
@@ -551,9 +587,9 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
         load_rows(rw, ids, w, row, q);
-        epilogue_half_sep(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
+        epilogue_half<true>(d0, zd_mine, rw, zg32, zu32, epi, hbar_rows, I, q);
       }
-      if (lane == 0) mbar_arrive(epi_empty);  // its MMAs have completed (each waited for)
+      if (lane == 0) release<CLUSTER>(epi_empty, static_cast<uint32_t>(walk.rank));  // its MMAs have completed (each waited for)
     }
     // this warpgroup's partial of the item: zd_part[2 chunk + own] at the block's rows
     float* part = zd_part + (static_cast<int64_t>(2 * chunk + own) * T) * kPairs * kRank;
@@ -572,6 +608,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+  if constexpr (CLUSTER == 2) cluster_sync();  // the other CTA's releases here are all in
 #else
   (void)zg, (void)zu, (void)ids, (void)w, (void)hbar, (void)zd_part, (void)g_out, (void)u_out;
   (void)T, (void)H, (void)I, (void)plan_ctas;
@@ -579,43 +616,53 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// The token rows a tile of `variant` takes (0: v17, 128; 1: v18, 64), or 0 for no variant.
-int tile_rows(int variant) { return variant == 0 ? 128 : (variant == 1 ? 64 : 0); }
+// What a launch of `variant` takes: 0 v17 (tiles of 128 tokens), 1 v18 (64), 2 v18c (64, the
+// CTAs in clusters of 2 over pairs of token blocks); tm 0 for no variant.
+struct Variant {
+  int tm, cluster;
+};
+
+Variant variant_of(int variant) {
+  return variant == 0 ? Variant{128, 1} : variant == 1 ? Variant{64, 1} : variant == 2 ? Variant{64, 2} : Variant{0, 0};
+}
 
 }  // namespace
 
 // The number of zd partials a launch of `variant` with at most max_ctas CTAs (<= 0: one per SM)
 // writes (zd_part's first dimension), or -1 for a shape or variant the prototype does not take.
 extern "C" int fused_gu_partials(int T, int I, int max_ctas, int variant) {
-  const int tm = tile_rows(variant);
-  if (tm == 0 || T <= 0 || I <= 0 || T % tm != 0 || I % kTI != 0) return -1;
+  const Variant v = variant_of(variant);
+  if (v.tm == 0 || T <= 0 || I <= 0 || T % (v.tm * v.cluster) != 0 || I % kTI != 0) return -1;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
     return -1;
   }
-  const int ctas = max_ctas > 0 ? max_ctas : sms;
-  return 2 * make_plan(T, I, ctas, tm).n_chunks;
+  const int ctas = (max_ctas > 0 ? max_ctas : sms) / v.cluster;  // CTAs, or clusters
+  if (ctas <= 0) return -1;
+  return 2 * make_plan(T, I, ctas, v.tm * v.cluster).n_chunks;
 }
 
 // hbar [T, I] and zd_part [P, T, 2, 16] (P = fused_gu_partials) from x [T, H], wgu [2 I, H]
 // (Wg / Wu rows interleaved in blocks of 64), bgu [2 I, E R] (Bg / Bu interleaved the same way,
 // expert-major columns), ad [E R, I], zg / zu [T, 2, 16] (s-scaled, bf16), ids [T, 2] int32 and
 // w [T, 2] fp32, on `stream`, by v17 (variant 0: tiles of 128 tokens, G and U rounded to bf16
-// before the deltas) or v18 (1: tiles of 64 tokens, the sums kept fp32); v18 with g_out and
-// u_out (both or neither) also writes G and U [T, I] bf16, the frozen GEMM's sums the backward
-// reads (training). Returns 0, or 1 a shape, alignment or variant it does not take, 2 no
-// cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else the launch's CUDA error.
+// before the deltas), v18 (1: tiles of 64 tokens, the sums kept fp32) or v18c (2: v18 in 2-CTA
+// clusters sharing the weight and epilogue tiles by multicast; T % 128); v18 and v18c with g_out
+// and u_out (both or neither) also write G and U [T, I] bf16, the frozen GEMM's sums the
+// backward reads (training). Returns 0, or 1 a shape, alignment or variant it does not take, 2
+// no cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else the launch's CUDA error.
 extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const void* bgu,
                                         const void* ad, const void* zg, const void* zu,
                                         const void* ids, const void* w, void* hbar, void* zd_part,
                                         void* g_out, void* u_out, int T, int H, int I,
                                         void* stream, int max_ctas, int variant) {
-  const int tm = tile_rows(variant);
-  if (tm == 0 || T <= 0 || H <= 0 || I <= 0 || T % tm != 0 || H % kBK != 0 || I % kTI != 0) {
+  const Variant v = variant_of(variant);
+  if (v.tm == 0 || T <= 0 || H <= 0 || I <= 0 || T % (v.tm * v.cluster) != 0 || H % kBK != 0 ||
+      I % kTI != 0) {
     return 1;
   }
-  if ((g_out == nullptr) != (u_out == nullptr) || (g_out != nullptr && variant != 1)) return 1;
+  if ((g_out == nullptr) != (u_out == nullptr) || (g_out != nullptr && variant == 0)) return 1;
   const uintptr_t all = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(wgu) |
                         reinterpret_cast<uintptr_t>(bgu) | reinterpret_cast<uintptr_t>(ad) |
                         reinterpret_cast<uintptr_t>(zg) | reinterpret_cast<uintptr_t>(zu) |
@@ -625,14 +672,18 @@ extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const vo
   if (all % 16 != 0) return 1;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (encode == nullptr) return 2;
+  // v18c's producers each copy half of the rows of a 128-row box (multicast into both CTAs)
+  const int part = 128 / v.cluster;
   CUtensorMap map_x{}, map_wgu{}, map_bgu{}, map_ad{};
-  if (make_map(&map_x, encode, x, T, H, tm) != CUDA_SUCCESS ||
-      make_map(&map_wgu, encode, wgu, 2 * I, H, kTN) != CUDA_SUCCESS ||
-      make_map(&map_bgu, encode, bgu, 2 * I, kER, kTN) != CUDA_SUCCESS ||
-      make_map(&map_ad, encode, ad, kER, I, kER) != CUDA_SUCCESS) {
+  if (make_map(&map_x, encode, x, T, H, v.tm) != CUDA_SUCCESS ||
+      make_map(&map_wgu, encode, wgu, 2 * I, H, part) != CUDA_SUCCESS ||
+      make_map(&map_bgu, encode, bgu, 2 * I, kER, part) != CUDA_SUCCESS ||
+      make_map(&map_ad, encode, ad, kER, I, part) != CUDA_SUCCESS) {
     return 3;
   }
-  const auto kernel = variant == 0 ? fused_gu_kernel<2> : fused_gu_kernel<1>;
+  const auto kernel = variant == 0   ? fused_gu_kernel<2, 1>
+                      : variant == 1 ? fused_gu_kernel<1, 1>
+                                     : fused_gu_kernel<1, 2>;
   const int smem = variant == 0 ? Shape<2>::kSmemBytes : Shape<1>::kSmemBytes;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -641,14 +692,28 @@ extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const vo
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   }
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int ctas = max_ctas > 0 ? max_ctas : sms;
-  const Plan plan = make_plan(T, I, ctas, tm);
-  const int grid = ctas < plan.items ? ctas : plan.items;
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(stream)>>>(
-      map_x, map_wgu, map_bgu, map_ad, static_cast<const __nv_bfloat16*>(zg),
-      static_cast<const __nv_bfloat16*>(zu), static_cast<const int*>(ids),
-      static_cast<const float*>(w), static_cast<__nv_bfloat16*>(hbar),
-      static_cast<float*>(zd_part), static_cast<__nv_bfloat16*>(g_out),
-      static_cast<__nv_bfloat16*>(u_out), T, H, I, ctas);
-  return static_cast<int>(cudaGetLastError());
+  const int units = (max_ctas > 0 ? max_ctas : sms) / v.cluster;  // CTAs, or clusters
+  if (units <= 0) return 1;
+  const Plan plan = make_plan(T, I, units, v.tm * v.cluster);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3((units < plan.items ? units : plan.items) * v.cluster);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute cluster[1]{};
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = 2;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  if (v.cluster == 2) {
+    config.attrs = cluster;
+    config.numAttrs = 1;
+  }
+  err = cudaLaunchKernelEx(&config, kernel, map_x, map_wgu, map_bgu, map_ad,
+                           static_cast<const __nv_bfloat16*>(zg), static_cast<const __nv_bfloat16*>(zu),
+                           static_cast<const int*>(ids), static_cast<const float*>(w),
+                           static_cast<__nv_bfloat16*>(hbar), static_cast<float*>(zd_part),
+                           static_cast<__nv_bfloat16*>(g_out), static_cast<__nv_bfloat16*>(u_out), T, H,
+                           I, units * v.cluster);
+  return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }

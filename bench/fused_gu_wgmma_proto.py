@@ -1,7 +1,8 @@
 """v17 and v18: the MoE SwiGLU in our own Hopper gate / up GEMM's epilogue
 (bench/fused_gu_wgmma_proto.cu, bench/NOTES.md v17, v18), checked against the fp32 reference and
 timed beside cuBLAS. v17 (variant 0) takes tiles of 128 tokens, v18 (variant 1) of 64 with each
-pair's deltas in sums of their own, and in training also writes G and U for the backward.
+pair's deltas in sums of their own, and in training also writes G and U for the backward; v18c
+(variant 2) is v18 in 2-CTA clusters that share the weight and epilogue tiles by multicast.
 
 What the kernel computes, for T tokens with experts ids [T, 2] and weights w [T, 2] (E = 8,
 R = 16, bf16; s the LoRA scale):
@@ -19,7 +20,8 @@ roundings where the kernel rounds): on the CPU it checks the algebra and the lay
 makes (tests/test_bench_fused_gu.py), on the GPU it says, when the kernel disagrees with the reference,
 whether the disagreement is the decomposition's or the device code's.
 
-    device: timeout 300 python3 bench/fused_gu_wgmma_proto.py [--variants 0 1] [--reps 30] [--json F]
+    device: timeout 150 python3 bench/fused_gu_wgmma_proto.py [--variants 0 1 2] [--reps 30] [--json F]
+            [--build-dir D]   (a variant a process under a timeout: a wrong protocol hangs; D: one build)
     here:   python3 bench/fused_gu_wgmma_proto.py --emulate      (CPU: emulate vs reference)
 """
 import argparse
@@ -39,8 +41,9 @@ from timing import call_timer, interleaved_medians  # noqa: E402  (bench/timing.
 
 E, R, K = 8, 16, 2  # the prototype's experts, rank, pairs (compile-time in the .cu)
 TI = 64             # a tile's columns of I
-VARIANTS = {0: "v17", 1: "v18"}  # the launcher's variant: tiles of 128 / 64 tokens
-TILE_ROWS = {0: 128, 1: 64}
+VARIANTS = {0: "v17", 1: "v18", 2: "v18c"}  # the launcher's: tiles of 128 / 64 / 64 tokens,
+TILE_ROWS = {0: 128, 1: 64, 2: 64}            # v18c's CTAs in clusters of 2 over block pairs
+CLUSTER = {0: 1, 1: 1, 2: 2}
 SCALE = 2.0         # alpha / r of the bench (a power of two: folding it into bf16 z is exact)
 
 # (T, H, I, max_ctas): one tile; several items a CTA with odd tile counts; a few waves; the target
@@ -114,9 +117,12 @@ def reference(p):
 
 
 def plan(T, I, ctas, variant=0):
-    """make_plan of the .cu: (m_blocks, n_tiles, n_chunks, tiles_per_chunk, items)."""
-    m_blocks, n_tiles = T // TILE_ROWS[variant], I // TI
-    chunks = min(max(ctas // m_blocks, 1), n_tiles)
+    """make_plan of the .cu as the launcher calls it: (m_blocks, n_tiles, n_chunks,
+    tiles_per_chunk, items), v18c's over clusters (ctas // 2) and pairs of token blocks."""
+    cl = CLUSTER[variant]
+    units = ctas // cl
+    m_blocks, n_tiles = T // (TILE_ROWS[variant] * cl), I // TI
+    chunks = min(max(units // m_blocks, 1), n_tiles)
     per_chunk = -(-n_tiles // chunks)
     n_chunks = -(-n_tiles // per_chunk)
     return m_blocks, n_tiles, n_chunks, per_chunk, m_blocks * n_chunks
@@ -129,18 +135,21 @@ def emulate(op, ctas, variant=0):
     keeps them fp32 and adds each pair's deltas to them apart."""
     x, wgu, bgu, ad = op["x"], op["wgu"], op["bgu"], op["ad"]
     T, I = x.shape[0], ad.shape[1]
-    TM = TILE_ROWS[variant]
+    TM, cl = TILE_ROWS[variant], CLUSTER[variant]
     m_blocks, n_tiles, n_chunks, per_chunk, items = plan(T, I, ctas, variant)
-    grid = min(ctas, items)
+    grid = min(ctas // cl, items)  # CTAs, or v18c's clusters
+    if grid < 1:
+        raise ValueError(f"{VARIANTS[variant]} needs at least {cl} CTAs, got {ctas}")
     dt = x.dtype
     hbar = torch.full((T, I), float("nan"), dtype=dt, device=x.device)
     part = torch.full((2 * n_chunks, T, K, R), float("nan"), device=x.device)
     ids, w = op["ids"].long(), op["w"]
     written = []
-    for cta in range(grid):
+    for cta in range(grid * cl):
+        unit, rank = cta // cl, cta % cl
         i = 0  # the CTA's tile count (its warpgroups alternate on it)
-        for item in range(cta, items, grid):
-            m0, chunk = (item % m_blocks) * TM, item // m_blocks
+        for item in range(unit, items, grid):
+            m0, chunk = ((item % m_blocks) * cl + rank) * TM, item // m_blocks
             rows = slice(m0, m0 + TM)
             e, wr = ids[rows], w[rows]
             zsum = torch.zeros(2, TM, K, R, device=x.device)  # [warpgroup] the item's zd sums
@@ -176,8 +185,13 @@ def emulate(op, ctas, variant=0):
                 i += 1
             for own in range(2):
                 part[2 * chunk + own, rows] = zsum[own]
-                written.append((item, own))
+                written.append((item, rank, own))
     return hbar, part, written
+
+
+def at_least_a_cluster(ctas, variant):
+    """A shape's CTA cap as a variant can take it (v18c: whole clusters of 2; <= 0 stays: all SMs)."""
+    return ctas if ctas <= 0 else max(ctas, CLUSTER[variant])
 
 
 def errors(hbar, zd, ref_hbar, ref_zd):
@@ -203,9 +217,11 @@ def ptxas_report(stderr):
     loop loses its overlap and no timing measures the design."""
     def short(mangled):
         names = re.findall(r"\d((?:wgmma_gemm|fused_gu)\w*?kernel)", mangled)
-        tmpl = re.search(r"kernelILi(\d+)E", mangled)
+        tmpl = re.search(r"kernelI((?:Li\d+E)+)E", mangled)
         base = names[-1] if names else mangled
-        return f"{base}<{tmpl.group(1)}>" if tmpl else base
+        if tmpl is None:
+            return base
+        return base + "<" + ", ".join(re.findall(r"Li(\d+)E", tmpl.group(1))) + ">"
     report, current = {}, None
     for line in stderr.splitlines():
         fn = re.search(r"(?:Compiling entry function|in the function) '([^']+)'", line)
@@ -225,13 +241,22 @@ def ptxas_report(stderr):
 
 
 def build(out_dir):
+    """The kernels as a shared library in out_dir, built there unless an earlier run did (its
+    ptxas report kept beside it): one build for the variants' processes of a device call."""
     lib = os.path.join(out_dir, "fused_gu_wgmma_proto.so")
-    cmd = NVCC + ["-shared", "-Xcompiler", "-fPIC", "-o", lib]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    print(done.stderr.strip()[-2000:], file=sys.stderr)
-    if done.returncode != 0:
-        raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
-    report = ptxas_report(done.stderr)
+    saved = os.path.join(out_dir, "ptxas.json")
+    if os.path.exists(lib) and os.path.exists(saved):
+        with open(saved) as f:
+            report = json.load(f)
+    else:
+        cmd = NVCC + ["-shared", "-Xcompiler", "-fPIC", "-o", lib]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        print(done.stderr.strip()[-2000:], file=sys.stderr)
+        if done.returncode != 0:
+            raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
+        report = ptxas_report(done.stderr)
+        with open(saved, "w") as f:
+            json.dump(report, f)
     print(f"ptxas: {json.dumps(report)}", flush=True)
     for name, entry in report.items():
         if entry["serialized"]:
@@ -271,6 +296,7 @@ def check(so, variant, T, H, I, max_ctas):
     p = Problem(T, H, I, "cuda")
     op = prepare(p)
     ref_hbar, ref_zd = reference(p)
+    max_ctas = at_least_a_cluster(max_ctas, variant)
     row = dict(variant=VARIANTS[variant], T=T, H=H, I=I, max_ctas=max_ctas)
     P = so.fused_gu_partials(T, I, max_ctas, variant)
     runs = []
@@ -278,7 +304,7 @@ def check(so, variant, T, H, I, max_ctas):
         out = (torch.full((T, I), float("nan"), device="cuda", dtype=torch.bfloat16),
                torch.full((P, T, K, R), float("nan"), device="cuda"))
         gu = None
-        if variant == 1:  # training: G and U out too (NaN before)
+        if variant >= 1:  # training: G and U out too (NaN before)
             gu = tuple(torch.full((T, I), float("nan"), device="cuda", dtype=torch.bfloat16)
                        for _ in range(2))
         runs.append(fused(so, op, max_ctas, out, variant, gu) + (gu,))
@@ -352,11 +378,11 @@ def time_shape(so, variants, T, H, I, reps):
     for v in variants:
         out = fused(so, op, variant=v)
         fns[VARIANTS[v]] = repeated(lambda v=v, out=out: (fused(so, op, 0, out, v), out[1].sum(0)))
-        if v == 1:
+        if v >= 1:
             gu = (torch.empty(T, I, device="cuda", dtype=torch.bfloat16),
                   torch.empty(T, I, device="cuda", dtype=torch.bfloat16))
-            fns["v18_training"] = repeated(
-                lambda out=out, gu=gu: (fused(so, op, 0, out, 1, gu), out[1].sum(0)))
+            fns[VARIANTS[v] + "_training"] = repeated(
+                lambda v=v, out=out, gu=gu: (fused(so, op, 0, out, v, gu), out[1].sum(0)))
     fns.update(cublas_gu=repeated(lambda: p.x @ wgu.t()), dense_gu_swiglu=repeated(dense))
     try:
         from mixlora_ext import ops
@@ -384,15 +410,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--variants", type=int, nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="0 v17 (128-token tiles), 1 v18 (64-token tiles, also in training)")
+                        help="0 v17 (128-token tiles), 1 v18 (64-token tiles, also in training), "
+                             "2 v18c (v18 in 2-CTA clusters)")
     parser.add_argument("--json", default=None, help="write the checks and timings here")
+    parser.add_argument("--build-dir", default=None,
+                        help="build the library here, or reuse the one an earlier run built (default: a temporary one)")
     parser.add_argument("--emulate", action="store_true", help="CPU: the decomposition vs the reference")
     a = parser.parse_args()
     if a.emulate:
         for v in a.variants:
             for T, H, I, ctas in CHECK_SHAPES[:3]:
                 p = Problem(T, H, I, "cpu")
-                hbar, part, _ = emulate(prepare(p), ctas, v)
+                hbar, part, _ = emulate(prepare(p), at_least_a_cluster(ctas, v), v)
                 print(f"emulate {VARIANTS[v]} T={T} H={H} I={I} ctas={ctas}:",
                       json.dumps(errors(hbar, part.sum(0), *reference(p))))
         return
@@ -400,7 +429,9 @@ def main():
         raise SystemExit("needs a Hopper GPU (sm_90) and a CUDA build of torch")
     torch.backends.cuda.matmul.allow_tf32 = False
     with tempfile.TemporaryDirectory() as tmp:
-        so = build(tmp)
+        if a.build_dir:
+            os.makedirs(a.build_dir, exist_ok=True)
+        so = build(a.build_dir or tmp)
         checks = [check(so, v, *s) for v in a.variants for s in CHECK_SHAPES]
         correct = [v for v in a.variants if all(c["ok"] for c in checks if c["variant"] == VARIANTS[v])]
         for v in a.variants:

@@ -36,19 +36,33 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
-// Until the phase of the given parity has completed (a fresh barrier: parity 1 passes at once).
+// Until the phase of the given parity has completed (a fresh barrier: parity 1 passes at once);
+// CLUSTER_SCOPE: acquiring what other CTAs of the cluster released by their arrivals.
+template <bool CLUSTER_SCOPE = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+    if constexpr (CLUSTER_SCOPE) {
+      asm volatile(
+          "{\n"
+          ".reg .pred p;\n"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n"
+          "}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    } else {
+      asm volatile(
+          "{\n"
+          ".reg .pred p;\n"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n"
+          "}\n"
+          : "=r"(done)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    }
   } while (done == 0);
 }
 
@@ -145,7 +159,7 @@ __device__ __forceinline__ void init_stage_barriers(uint32_t full0, uint32_t emp
 // Clusters of CTAs (v16's variant 2): the CTA's rank in its cluster; the shared::cluster address
 // of a shared variable in the CTA of another rank (the same offset); an arrival on a barrier at
 // such an address, releasing the thread's earlier accesses (an MMA group's reads, waited for) to
-// the cluster; a wait that acquires them; a bulk tensor copy written into the same offset of
+// the cluster (`mbar_wait<true>` acquires them); a bulk tensor copy written into the same offset of
 // every CTA in `mask`, completing bytes on each one's barrier at bar's offset; the cluster-wide
 // barrier (every thread of every CTA, not warp-aligned).
 __device__ __forceinline__ uint32_t cluster_rank() {
@@ -165,20 +179,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_bar) {
                : "memory");
 }
 
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (done == 0);
-}
 
 __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map,
                                                       uint32_t bar, int c0, int c1, uint16_t mask) {
@@ -187,6 +187,18 @@ __device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtens
       ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
       : "memory");
+}
+
+// A consumer warp's release of a shared-memory stage: on this CTA's barrier, and with clusters of
+// 2 (whose producers each refill both CTAs' stages) on the other CTA's too.
+template <int CLUSTER>
+__device__ __forceinline__ void release(uint32_t bar, uint32_t rank) {
+  if constexpr (CLUSTER == 2) {
+    mbar_arrive_cluster(cluster_address(bar, rank));
+    mbar_arrive_cluster(cluster_address(bar, rank ^ 1u));
+  } else {
+    mbar_arrive(bar);
+  }
 }
 
 __device__ __forceinline__ void cluster_sync() {

@@ -50,7 +50,6 @@ constexpr int kPpSmemBytes = 1024 + kPpStages * kPpStageBytes + (2 * kPpStages +
 
 // Variant 2 (ping-pong in 2-CTA clusters): variant 1's tiles, stages and shared memory; a stage's
 // "empty" barrier takes the tile owner's 4 warps of both CTAs (either producer refills it in both).
-[[maybe_unused]] constexpr uint32_t kMcEmptyArrivals = 8;
 // the B rows (64 of the tile's 128) a producer multicasts: 8 KiB
 [[maybe_unused]] constexpr int kMcHalfBytes = kPpBN / 2 * kRowBytes;
 
@@ -119,7 +118,7 @@ __device__ __forceinline__ void produce_multicast(const CUtensorMap* map_a,
     const int n0 = (pt / m_pairs) * kPpBN;
     for (int ks = 0; ks < k_steps; ++ks, ++it) {
       const int s = it % kPpStages;
-      mbar_wait_cluster(empty0 + 8 * s, (static_cast<uint32_t>(it / kPpStages) & 1u) ^ 1u);
+      mbar_wait<true>(empty0 + 8 * s, (static_cast<uint32_t>(it / kPpStages) & 1u) ^ 1u);
       const uint32_t sa = base + s * kPpStageBytes;
       mbar_expect_tx(full0 + 8 * s, kPpStageBytes);
       tma_load_2d(sa, map_a, full0 + 8 * s, ks * kBK, m0);
@@ -199,6 +198,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 // for all its stages): so neither waits on a stage's "full" barrier more than one phase ahead
 // of it, which a parity wait could not tell from the phase before, and the tensor cores work
 // on one tile at a time while the other warpgroup stores its last.
+// Variant 2 (CLUSTER 2, launched in clusters of 2 CTAs): the CTAs of a cluster take the tiles of
+// two neighbouring 128-row blocks at the same 128 columns in lockstep, each producer copying its
+// own A rows and half of the B rows multicast into both CTAs: 24 KiB a stage read from L2 per
+// CTA, not 32, against the ~12.5 TB/s 128 x 128 tiles would ask of L2 at 800 TFLOP/s
+// (bench/NOTES.md v17). A consumer warp releases a stage on its own CTA's "empty" barrier and the
+// other CTA's; the clusters sync after the barriers' init (no copy or arrival before them) and
+// before exit (none after).
+template <int CLUSTER>
 __global__ void __launch_bounds__(kThreads, 1)
     wgmma_gemm_pingpong_kernel(const __grid_constant__ CUtensorMap map_a,
                                const __grid_constant__ CUtensorMap map_b,
@@ -210,28 +217,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t empty0 = full0 + kPpStages * 8;
   const uint32_t turn0 = empty0 + kPpStages * 8;  // turn[w] at turn0 + 8 w
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
-  const int m_tiles = M / kPpBM, tiles = m_tiles * (N / kPpBN), k_steps = K / kBK;
+  const uint32_t rank = CLUSTER == 2 ? cluster_rank() : 0u;
+  // tiles of the CTA (variant 1) or of its cluster, whose CTAs take neighbouring row blocks
+  const int m_units = M / (kPpBM * CLUSTER), tiles = m_units * (N / kPpBN), k_steps = K / kBK;
   if (threadIdx.x == 0) {
-    init_stage_barriers(full0, empty0, kPpStages, kPpEmptyArrivals);
+    init_stage_barriers(full0, empty0, kPpStages, kPpEmptyArrivals * CLUSTER);
     mbar_init(turn0, 4);  // the other warpgroup's 4 warps
     mbar_init(turn0 + 8, 4);
   }
-  __syncthreads();
-  if (wg == 0) {  // the producer, as variant 0's with the smaller tiles
+  if constexpr (CLUSTER == 2) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
+  if (wg == 0) {  // the producer, as variant 0's with the smaller tiles (variant 2: multicast)
     if (tid == 0) {
-      produce<kPpBM, kPpBN, kPpStages>(&map_a, &map_b, base, full0, empty0, m_tiles, tiles, k_steps);
+      if constexpr (CLUSTER == 2) {
+        produce_multicast(&map_a, &map_b, base, full0, empty0, rank, m_units, tiles, k_steps);
+      } else {
+        produce<kPpBM, kPpBN, kPpStages>(&map_a, &map_b, base, full0, empty0, m_units, tiles,
+                                         k_steps);
+      }
     }
+    if constexpr (CLUSTER == 2) cluster_sync();  // (the consumers' at the end)
     return;
   }
 
   const int own = wg - 1;  // this warpgroup's tiles: the CTA's i-th with i % 2 == own
   const int warp = tid / 32, lane = tid % 32;
+  const int unit = static_cast<int>(blockIdx.x) / CLUSTER, units = static_cast<int>(gridDim.x) / CLUSTER;
   float d0[64], d1[64];  // rows 0-63 and 64-127 of the tile
 #pragma unroll
   for (int i = 0; i < 64; ++i) d0[i] = d1[i] = 0.f;
   int i = own, turns = 0;
-  for (int tile = blockIdx.x + own * gridDim.x; tile < tiles; tile += 2 * gridDim.x, i += 2) {
-    const int m0 = (tile % m_tiles) * kPpBM, n0 = (tile / m_tiles) * kPpBN;
+  for (int tile = unit + own * units; tile < tiles; tile += 2 * units, i += 2) {
+    const int m0 = ((tile % m_units) * CLUSTER + static_cast<int>(rank)) * kPpBM;
+    const int n0 = (tile / m_units) * kPpBN;
     if (i > 0) {  // the CTA's tile i - 1 (the other warpgroup's) has had all its stages
       mbar_wait(turn0 + 8 * own, static_cast<uint32_t>(turns) & 1u);
       ++turns;
@@ -256,113 +277,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<1>();
       fence_operands(d0);
       fence_operands(d1);
-      if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+      if (previous >= 0 && lane == 0) release<CLUSTER>(empty0 + 8 * previous, rank);
       previous = s;
     }
     if (lane == 0) mbar_arrive(turn0 + 8 * (1 - own));  // the other's next tile may start
     wgmma_wait<0>();
     fence_operands(d0);
     fence_operands(d1);
-    if (previous >= 0 && lane == 0) mbar_arrive(empty0 + 8 * previous);
+    if (previous >= 0 && lane == 0) release<CLUSTER>(empty0 + 8 * previous, rank);
     __nv_bfloat16* tile_c = c + static_cast<int64_t>(m0) * N + n0;
     store_accumulators<kPpBN / 8>(d0, tile_c, N, warp, lane);
     store_accumulators<kPpBN / 8>(d1, tile_c + static_cast<int64_t>(64) * N, N, warp, lane);
   }
-#else
-  (void)M, (void)N, (void)K, (void)c;
-  __trap();  // built without sm_90a
-#endif
-}
-
-// Variant 2: variant 1 launched in clusters of 2 CTAs that take the tiles of two neighbouring
-// 128-row blocks at the same 128 columns in lockstep, each producer copying its own A rows and
-// half of the B rows multicast into both CTAs: 24 KiB a stage read from L2 per CTA, not 32, against
-// the ~12.5 TB/s 128 x 128 tiles would ask of L2 at 800 TFLOP/s (bench/NOTES.md v17). A consumer
-// warp releases a stage on its own CTA's "empty" barrier and the other CTA's; the clusters sync
-// after the barriers' init (no copy or arrival before them) and before exit (none after).
-__global__ void __launch_bounds__(kThreads, 1)
-    wgmma_gemm_multicast_kernel(const __grid_constant__ CUtensorMap map_a,
-                                const __grid_constant__ CUtensorMap map_b_half,
-                                __nv_bfloat16* __restrict__ c, int M, int N, int K) {
-#ifdef MIXLORA_PROTO_SM90A
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t full0 = base + kPpStages * kPpStageBytes;
-  const uint32_t empty0 = full0 + kPpStages * 8;
-  const uint32_t turn0 = empty0 + kPpStages * 8;  // turn[w] at turn0 + 8 w
-  const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
-  const uint32_t rank = cluster_rank(), peer = rank ^ 1u;
-  const int m_pairs = M / (2 * kPpBM), pair_tiles = m_pairs * (N / kPpBN), k_steps = K / kBK;
-  if (threadIdx.x == 0) {
-    init_stage_barriers(full0, empty0, kPpStages, kMcEmptyArrivals);
-    mbar_init(turn0, 4);
-    mbar_init(turn0 + 8, 4);
-  }
-  cluster_sync();
-  if (wg == 0) {
-    if (tid == 0) {
-      produce_multicast(&map_a, &map_b_half, base, full0, empty0, rank, m_pairs, pair_tiles,
-                        k_steps);
-    }
-  } else {
-    const int own = wg - 1;
-    const int warp = tid / 32, lane = tid % 32;
-    const int cluster = static_cast<int>(blockIdx.x) / 2;
-    const int clusters = static_cast<int>(gridDim.x) / 2;
-    // a stage's "empty" barrier in this CTA and in the other, as shared::cluster addresses
-    const uint32_t empty_here = cluster_address(empty0, rank);
-    const uint32_t empty_peer = cluster_address(empty0, peer);
-    float d0[64], d1[64];
-#pragma unroll
-    for (int v = 0; v < 64; ++v) d0[v] = d1[v] = 0.f;
-    int i = own, turns = 0;
-    for (int pt = cluster + own * clusters; pt < pair_tiles; pt += 2 * clusters, i += 2) {
-      const int m0 = ((pt % m_pairs) * 2 + static_cast<int>(rank)) * kPpBM;
-      const int n0 = (pt / m_pairs) * kPpBN;
-      if (i > 0) {
-        mbar_wait(turn0 + 8 * own, static_cast<uint32_t>(turns) & 1u);
-        ++turns;
-      }
-      int it = i * k_steps, previous = -1;
-      for (int ks = 0; ks < k_steps; ++ks, ++it) {
-        const int s = it % kPpStages;
-        mbar_wait(full0 + 8 * s, static_cast<uint32_t>(it / kPpStages) & 1u);
-        const uint32_t sa = base + s * kPpStageBytes;
-        const uint64_t desc_a0 = sw128_desc(sa), desc_a1 = sw128_desc(sa + 64 * kRowBytes);
-        const uint64_t desc_b = sw128_desc(sa + kPpABytes);
-        fence_operands(d0);
-        fence_operands(d1);
-        wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < kBK / 16; ++k) {
-          const uint32_t accumulate = (ks > 0 || k > 0) ? 1u : 0u;
-          wgmma_m64n128k16(d0, desc_a0 + 2 * k, desc_b + 2 * k, accumulate);
-          wgmma_m64n128k16(d1, desc_a1 + 2 * k, desc_b + 2 * k, accumulate);
-        }
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_operands(d0);
-        fence_operands(d1);
-        if (previous >= 0 && lane == 0) {
-          mbar_arrive_cluster(empty_here + 8 * previous);
-          mbar_arrive_cluster(empty_peer + 8 * previous);
-        }
-        previous = s;
-      }
-      if (lane == 0) mbar_arrive(turn0 + 8 * (1 - own));
-      wgmma_wait<0>();
-      fence_operands(d0);
-      fence_operands(d1);
-      if (previous >= 0 && lane == 0) {
-        mbar_arrive_cluster(empty_here + 8 * previous);
-        mbar_arrive_cluster(empty_peer + 8 * previous);
-      }
-      __nv_bfloat16* tile_c = c + static_cast<int64_t>(m0) * N + n0;
-      store_accumulators<kPpBN / 8>(d0, tile_c, N, warp, lane);
-      store_accumulators<kPpBN / 8>(d1, tile_c + static_cast<int64_t>(64) * N, N, warp, lane);
-    }
-  }
-  cluster_sync();  // the other CTA's arrivals on this one's barriers are all in
+  if constexpr (CLUSTER == 2) cluster_sync();  // the other CTA's releases here are all in
 #else
   (void)M, (void)N, (void)K, (void)c;
   __trap();  // built without sm_90a
@@ -390,8 +317,8 @@ extern "C" int wgmma_gemm_bf16(const void* a, const void* b, void* c, int M, int
   if (encode == nullptr) return 2;
   const int smem = variant == 0 ? kSmemBytes : kPpSmemBytes;
   const auto kernel = variant == 0   ? wgmma_gemm_kernel
-                      : variant == 1 ? wgmma_gemm_pingpong_kernel
-                                     : wgmma_gemm_multicast_kernel;
+                      : variant == 1 ? wgmma_gemm_pingpong_kernel<1>
+                                     : wgmma_gemm_pingpong_kernel<2>;
   CUtensorMap map_a{}, map_b{};
   if (make_map(&map_a, encode, a, M, K, bm) != CUDA_SUCCESS) return 3;
   // variant 2's producers each copy half of a tile's B rows
