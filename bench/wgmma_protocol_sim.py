@@ -1,13 +1,14 @@
 """The barrier protocols of bench/wgmma_gemm_proto.cu (sim variants 0, 1 and 3: the .cu's variants
-0, 1 and 2) and bench/fused_gu_wgmma_proto.cu (sim variant 2), simulated on the CPU under random
-interleavings: the producer thread, the consumer warpgroups (each warp's arrivals separate), the
-bulk copies (which land at any later time) and the wgmma groups (which finish at any time up to
-their wait), with mbarriers modelled as the PTX ISA defines them (a phase completes when its
-pending arrivals reach zero and its transaction bytes are all in; `try_wait.parity P` passes when
-the current, incomplete phase's parity differs from P). The loops below mirror the kernels' loops
-line for line. Checked at every step: a consumer's MMAs read the stage holding the fill they mean
-(tile, K step), no copy lands in a stage an unfinished MMA group still reads, every tile's every K
-step is consumed once by the warpgroup that owns it, and nothing deadlocks.
+0, 1 and 2) and bench/fused_gu_wgmma_proto.cu (sim variants 2 and 4: the launcher's variants 0 / 1
+and 2), simulated on the CPU under random interleavings: the producer thread, the consumer
+warpgroups (each warp's arrivals separate), the bulk copies (which land at any later time) and
+the wgmma groups (which finish at any time up to their wait), with mbarriers modelled as the PTX
+ISA defines them (a phase completes when its pending arrivals reach zero and its transaction bytes
+are all in; `try_wait.parity P` passes when the current, incomplete phase's parity differs from
+P). The loops below mirror the kernels' loops line for line. Checked at every step: a consumer's
+MMAs read the stage holding the fill they mean (tile, K step), no copy lands in a stage an
+unfinished MMA group still reads, every tile's every K step is consumed once by the warpgroup that
+owns it, and nothing deadlocks.
 
 Variant 2 (FUSED, `fused_gu_kernel`, v17 and v18 alike: 4 stages on even seeds as v17's tiles of
 128 tokens, 6 on odd ones as v18's of 64): the ping-pong of variant 1, work split into
@@ -23,7 +24,7 @@ may land in it. At each item's end each warpgroup writes its zd partial (2 chunk
 each (item, warpgroup) writes once, holding the warpgroup's tiles of that item, and every tile's
 epilogue runs once, on warpgroup i % 2 of the item's CTA.
 
-Variant 3 (CLUSTER, the .cu's variant 2, `wgmma_gemm_multicast_kernel`): the ping-pong of variant
+Variant 3 (CLUSTER, the .cu's variant 2, `wgmma_gemm_pingpong_kernel<2>`): the ping-pong of variant
 1 in clusters of 2 CTAs (rank 0, 1; cluster blockIdx / 2 of grid / 2, the grid the launcher's:
 even), both walking the cluster's pair tiles pt = cluster, cluster + clusters, .., rank r's tile
 the row block 2 (pt % m_pairs) + r at the column block pt / m_pairs. Each CTA's producer
@@ -40,19 +41,40 @@ barrier is partway through a phase at exit, and nothing touches a CTA after it e
 kernel's final cluster_sync: a CTA exits once the processes of both have finished; the planted
 fault no_final_sync lets it go once its own have).
 
+Variant 4 (FUSED_CLUSTER, v18c: `fused_gu_kernel<1, 2>`, the launcher's variant 2): variant 2
+with v18's 6 stages in clusters of 2 CTAs, the plan over ctas // 2 clusters and pairs of 64-token
+blocks (make_plan(T, I, ctas // 2, 128)), the grid 2 min(clusters, items); the cluster takes
+items cluster, cluster + clusters, .. (`Walk`), rank r the block 2 (item % m_blocks) + r of each,
+both CTAs walking the same tiles in lockstep (so both count them i = 0, 1, .. alike). Each
+producer (`produce<1, 2>`), per K step, waits for its own "empty" barrier (8 arrivals: the tile
+owner's 4 warps in each CTA), arrives with expect_tx of the whole stage on its own "full" barrier
+and issues its x copy (into its CTA) and its half of the 128 weight rows multicast into both
+CTAs, as variant 3's; after a tile's K steps it waits for its own epilogue buffer's "empty"
+barrier (8 arrivals, as the stages'), arrives with expect_tx of the whole buffer on its own
+"full" one, and issues its half (64 rows) of each of the three boxes multicast: six landings a
+CTA, each on its own, half of them the peer's (which may land before the expect_tx). Consumers
+as variant 2's (turn barriers in their CTA), each warp's release of a stage or of the buffer
+(`release<2>`) arriving on the barrier of both CTAs. Checked besides variant 2's checks (by
+64-token block; the zd partials by (item, rank, warpgroup)) and variant 3's cross-CTA ones: the
+epilogue reads its CTA's buffer holding both producers' halves of each box of its tile, no
+landing in a CTA's buffer while an epilogue there reads it, nothing partway through a phase at
+exit. The fault local_release_only keeps both the stages' and the buffer's releases local (their
+counts 4), half_expect both expect_tx to the CTA's own bytes; epi_local_release_only keeps the
+buffer's release local only.
+
     python3 bench/wgmma_protocol_sim.py [--seeds 200]       (tests/test_bench.py runs a few)
 """
 import argparse
 import random
 
-COOPERATIVE, PINGPONG, FUSED, CLUSTER = 0, 1, 2, 3
+COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER = 0, 1, 2, 3, 4
 
 
 class Barrier:
-    """An mbarrier: `count` arrivals a phase and a transaction count. With signed_tx (variant 3's
-    "full" barriers) the count may go below zero for a while, as PTX allows: the peer CTA's
-    multicast bytes can land before this CTA's own producer's expect_tx of the phase; the phase
-    still completes only when its arrivals are all in and the count is back at zero."""
+    """An mbarrier: `count` arrivals a phase and a transaction count. With signed_tx (the "full"
+    barriers of variants 3 and 4) the count may go below zero for a while, as PTX allows: the peer
+    CTA's multicast bytes can land before this CTA's own producer's expect_tx of the phase; the
+    phase still completes only when its arrivals are all in and the count is back at zero."""
 
     def __init__(self, count, signed_tx=False):
         self.count, self.pending, self.tx, self.phase = count, count, 0, 0
@@ -92,18 +114,21 @@ class Violation(AssertionError):
 # owned by their column's parity (nt % 2) rather than the CTA's count (i % 2); for variant 3: a
 # stage released on the consumer's own CTA's "empty" barrier only (its count 4), the "full"
 # barrier's expect_tx of the CTA's own copies only (A and its half of B), no cluster barrier
-# before exit (a CTA gone once its own processes are).
+# before exit (a CTA gone once its own processes are). Variant 4 takes all of them (a stage's and
+# the epilogue buffer's releases local only, either expect_tx of the CTA's own bytes only), and
+# the epilogue buffer's release alone kept local (epi_local_release_only).
 FAULTS = {
-    "no_turn": (PINGPONG, FUSED, CLUSTER),
-    "release_early": (COOPERATIVE, PINGPONG, FUSED, CLUSTER),
-    "empty_parity": (COOPERATIVE, PINGPONG, FUSED, CLUSTER),
-    "turn_before_epi": (FUSED,),
-    "epi_release_early": (FUSED,),
-    "epi_parity": (FUSED,),
-    "own_by_column": (FUSED,),
-    "local_release_only": (CLUSTER,),
-    "half_expect": (CLUSTER,),
-    "no_final_sync": (CLUSTER,),
+    "no_turn": (PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER),
+    "release_early": (COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER),
+    "empty_parity": (COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER),
+    "turn_before_epi": (FUSED, FUSED_CLUSTER),
+    "epi_release_early": (FUSED, FUSED_CLUSTER),
+    "epi_parity": (FUSED, FUSED_CLUSTER),
+    "own_by_column": (FUSED, FUSED_CLUSTER),
+    "local_release_only": (CLUSTER, FUSED_CLUSTER),
+    "half_expect": (CLUSTER, FUSED_CLUSTER),
+    "no_final_sync": (CLUSTER, FUSED_CLUSTER),
+    "epi_local_release_only": (FUSED_CLUSTER,),
 }
 
 
@@ -247,10 +272,11 @@ kTM, kTI = 128, 64
 
 
 class Plan:
-    """The kernel's make_plan(T, I, ctas): items of (token block, column chunk), M fastest."""
+    """The kernel's make_plan(T, I, ctas, tm): items of (token block, column chunk), M fastest
+    (variant 4's: over clusters, of blocks of 2 x 64 tokens, a pair of 64-token blocks)."""
 
-    def __init__(self, T, I, ctas):
-        self.m_blocks = T // kTM
+    def __init__(self, T, I, ctas, tm=kTM):
+        self.m_blocks = T // tm
         self.n_tiles = I // kTI
         chunks = ctas // self.m_blocks
         chunks = 1 if chunks < 1 else (self.n_tiles if chunks > self.n_tiles else chunks)
@@ -265,8 +291,8 @@ class Plan:
         return m_block, chunk, range(chunk * self.tiles_per_chunk, nt1)
 
 
-def make_plan(T, I, ctas):
-    return Plan(T, I, ctas)
+def make_plan(T, I, ctas, tm=kTM):
+    return Plan(T, I, ctas, tm)
 
 
 def simulate_fused(m_blocks, n_tiles, k_steps, ctas, seed, fault=None, grid=None, stages=4):
@@ -452,7 +478,7 @@ A_BYTES, HALF_BYTES = 2, 1
 
 
 def simulate_cluster(m_pairs, n_tiles, k_steps, ctas, seed, fault=None):
-    """One random interleaving of variant 3 (the .cu's variant 2, `wgmma_gemm_multicast_kernel`)
+    """One random interleaving of variant 3 (the .cu's variant 2, `wgmma_gemm_pingpong_kernel<2>`)
     for M = 256 m_pairs, N = 128 n_tiles, K = 64 k_steps and the launcher's grid for `ctas`
     (min(ctas, tiles) rounded down to whole clusters); raises Violation (or AssertionError) on
     a fault."""
@@ -601,7 +627,250 @@ def simulate_cluster(m_pairs, n_tiles, k_steps, ctas, seed, fault=None):
                                     f"{consumed.get(key)}, not {(2 * cluster + rank, i % 2)}")
 
 
-def run(seeds, verbose=False, fault=None, variants=(COOPERATIVE, PINGPONG, FUSED, CLUSTER)):
+# Variant 4's bytes, in units of 8 KiB: a stage's x rows (64) 1 and each half of its weight tile
+# (64 of the 128 rows) 1 (HALF_BYTES); the epilogue buffer's boxes (16 KiB each) halves of 1.
+X_BYTES = 1
+
+
+def simulate_fused_cluster(m_pairs, n_tiles, k_steps, ctas, seed, fault=None, clusters=None):
+    """One random interleaving of variant 4 (v18c, `fused_gu_kernel<1, 2>`, the launcher's variant
+    2) for T = 128 m_pairs tokens (pairs of 64-token blocks), I = 64 n_tiles columns, H = 64
+    k_steps, the launcher's plan for max_ctas `ctas` (over ctas // 2 clusters) and `clusters`
+    clusters (default the launcher's, min(ctas // 2, items); the kernel takes any fewer); raises
+    Violation (or AssertionError) on a fault."""
+    rng = random.Random(seed)
+    stages = 6  # v18's kStages
+    units = ctas // 2  # the launcher's: clusters
+    plan = make_plan(m_pairs * 2 * 64, n_tiles * kTI, units, tm=2 * 64)  # m_blocks: block pairs
+    clusters = min(units, plan.items) if clusters is None else clusters
+    assert 1 <= clusters <= min(units, plan.items)
+    consumed = {}   # (64-token block, nt, ks) -> (cta, consumer warpgroup)
+    epilogues = {}  # (64-token block, nt) -> (cta, consumer warpgroup)
+    partials = {}   # (item, rank, warpgroup) -> [(cta, the tiles nt its zd sums held)]
+    local_stage = fault == "local_release_only"
+    local_epi = fault in ("local_release_only", "epi_local_release_only")
+
+    procs, copies_in_flight, clusters_state = [], [], []
+    for cluster in range(clusters):
+        # both CTAs' barriers and buffers (index: rank), made before anything runs (the
+        # cluster_sync after their init); "empty" and the buffer's: the tile owner's 4 warps of
+        # each CTA (4 * CLUSTER)
+        full = [[Barrier(1, signed_tx=True) for _ in range(stages)] for _ in range(2)]
+        empty = [[Barrier(4 if local_stage else 8) for _ in range(stages)] for _ in range(2)]
+        epi_full = [Barrier(1, signed_tx=True) for _ in range(2)]
+        epi_empty = [Barrier(4 if local_epi else 8) for _ in range(2)]
+        turn = [[Barrier(4), Barrier(4)] for _ in range(2)]
+        x_tag = [[None] * stages for _ in range(2)]  # which fill (it) a stage's x rows hold
+        w_tag = [[[None, None] for _ in range(stages)] for _ in range(2)]  # its weight halves'
+        readers = [[0] * stages for _ in range(2)]   # unfinished MMA groups reading the stage
+        epi_tag = [[[None, None] for _ in range(3)] for _ in range(2)]  # tile (i) of each box half
+        epi_readers = [[0] for _ in range(2)]        # epilogues reading the buffer
+        my_items = list(range(cluster, plan.items, clusters))  # Walk: first, stride (clusters)
+        running = [3, 3]  # the CTA's processes not yet at the final cluster_sync
+
+        def gone(rank, running=running):
+            """The CTA has exited: all its processes and (the final cluster_sync) its peer's have
+            finished; without that sync, its own alone."""
+            return running[rank] == 0 and (fault == "no_final_sync" or running[rank ^ 1] == 0)
+
+        def reach(rank, what, cluster=cluster, gone=gone):  # what touches CTA rank's shared memory
+            if gone(rank):
+                raise Violation(f"cluster {cluster}: {what} reaches cta rank {rank} after it exited")
+
+        def until_sync(proc, rank, running=running):  # the process, then its cluster_sync arrival
+            yield from proc
+            running[rank] -= 1
+
+        def producer(rank, cluster=cluster, full=full, empty=empty, epi_full=epi_full,
+                     epi_empty=epi_empty, x_tag=x_tag, w_tag=w_tag, readers=readers,
+                     epi_tag=epi_tag, epi_readers=epi_readers, my_items=my_items, reach=reach):
+            # produce<1, 2>
+            it = i = 0
+            for item in my_items:
+                _m_pair, _chunk, nts = plan.item(item)
+                for _nt in nts:
+                    for _ks in range(k_steps):
+                        s = it % stages
+                        parity = ((it // stages) & 1) ^ (0 if fault == "empty_parity" else 1)
+                        yield lambda s=s, parity=parity: empty[rank][s].passes(parity)  # mbar_wait_cluster
+                        expect = X_BYTES + (1 if fault == "half_expect" else 2) * HALF_BYTES
+                        full[rank][s].arrive(tx=expect)  # arrive.expect_tx kStageBytes
+
+                        def land(dest, half, s=s, it=it):
+                            """The x copy (half None) into this CTA, or this rank's half of the
+                            weight rows landing in CTA dest (the multicast: one landing a CTA)."""
+                            reach(dest, f"rank {rank}'s copy of fill {it}")
+                            if readers[dest][s]:
+                                raise Violation(f"cluster {cluster}: rank {rank}'s copy of fill {it} "
+                                                f"lands in stage {s} of rank {dest} while an MMA reads it")
+                            if half is None:
+                                x_tag[dest][s] = it
+                                full[dest][s].complete_tx(X_BYTES)
+                            else:
+                                w_tag[dest][s][half] = it
+                                full[dest][s].complete_tx(HALF_BYTES)
+                        copies_in_flight.append(lambda land=land: land(rank, None))  # tma_load_2d
+                        for dest in range(2):  # tma_load_2d_multicast, mask 0x3
+                            copies_in_flight.append(lambda land=land, dest=dest: land(dest, rank))
+                        it += 1
+                    yield lambda p=(i & 1) ^ 1: epi_empty[rank].passes(p)  # mbar_wait_cluster
+                    # arrive.expect_tx kEpiBytes: both producers' halves of the three boxes
+                    epi_full[rank].arrive(tx=(3 if fault == "half_expect" else 6) * HALF_BYTES)
+                    for box in range(3):  # Bgu K 0-63, Bgu K 64-127, Ad: this rank's half of each
+
+                        def land_epi(dest, box=box, i=i):
+                            reach(dest, f"rank {rank}'s epilogue copy of tile {i}")
+                            if epi_readers[dest][0]:
+                                raise Violation(f"cluster {cluster}: rank {rank}'s epilogue copy of "
+                                                f"tile {i} lands in the buffer of rank {dest} while "
+                                                "an epilogue reads it")
+                            epi_tag[dest][box][rank] = i
+                            epi_full[dest].complete_tx(HALF_BYTES)
+                        for dest in range(2):  # multicast: landing in each CTA on its own
+                            copies_in_flight.append(lambda land_epi=land_epi, dest=dest: land_epi(dest))
+                    i += 1
+
+        def consumer(rank, own, cluster=cluster, full=full, empty=empty, epi_full=epi_full,
+                     epi_empty=epi_empty, turn=turn, x_tag=x_tag, w_tag=w_tag, readers=readers,
+                     epi_tag=epi_tag, epi_readers=epi_readers, my_items=my_items, reach=reach):
+            cta = 2 * cluster + rank
+            groups = []  # stages read by each unfinished group, oldest first
+
+            def finish_groups(keep):  # wgmma.wait_group keep
+                while len(groups) > keep:
+                    readers[rank][groups.pop(0)] -= 1
+
+            def release(bars, what, local):  # release<2>: each warp's lane 0, here then the peer
+                for _ in range(4):
+                    bars[rank].arrive()
+                    yield None
+                    if not local:
+                        reach(rank ^ 1, f"rank {rank} wg {own}'s release of {what}")
+                        bars[rank ^ 1].arrive()
+                        yield None
+
+            def check_epi(i, nt):
+                if epi_tag[rank] != [[i, i]] * 3:
+                    raise Violation(f"cluster {cluster} rank {rank} wg {own}: the epilogue of tile "
+                                    f"{i} (nt {nt}) reads the buffer holding tiles (by box, half) "
+                                    f"{epi_tag[rank]}")
+
+            i = turns = 0
+            for item in my_items:
+                m_pair, _chunk, nts = plan.item(item)
+                block = 2 * m_pair + rank  # Walk::m0 / 64
+                mine = []  # (zd sums zeroed) the tiles this warpgroup's zd sums hold
+                for nt in nts:
+                    if (nt if fault == "own_by_column" else i) % 2 != own:
+                        i += 1  # (the loop's ++i)
+                        continue
+                    if i > 0 and fault != "no_turn":
+                        yield lambda p=turns & 1: turn[rank][own].passes(p)
+                        turns += 1
+                    it = i * k_steps
+                    previous = None
+                    for ks in range(k_steps):
+                        s = it % stages
+                        yield lambda s=s, p=(it // stages) & 1: full[rank][s].passes(p)
+                        held = (x_tag[rank][s], *w_tag[rank][s])
+                        if held != (it,) * 3:
+                            raise Violation(f"cluster {cluster} rank {rank} wg {own}: K step {ks} of "
+                                            f"tile {i} reads stage {s} holding fills (x, weight half "
+                                            f"0, weight half 1) {held}, not {it}")
+                        key = (block, nt, ks)
+                        if key in consumed:
+                            raise Violation(f"{key} consumed twice")
+                        consumed[key] = (cta, own)
+                        readers[rank][s] += 1
+                        groups.append(s)  # commit
+                        if rng.random() < 0.5:
+                            finish_groups(rng.randint(1, len(groups)))  # groups may finish early
+                        if fault != "release_early":
+                            finish_groups(1)  # wgmma.wait_group 1
+                        yield None  # (a point where the other processes may run)
+                        if previous is not None:
+                            yield from release([e[previous] for e in empty], f"stage {previous}",
+                                               local_stage)
+                        previous = s
+                        it += 1
+                    if fault == "turn_before_epi":
+                        for _ in range(4):
+                            turn[rank][1 - own].arrive()
+                            yield None
+                    yield lambda p=(i & 1) ^ (1 if fault == "epi_parity" else 0): epi_full[rank].passes(p)
+                    if fault != "turn_before_epi":
+                        for _ in range(4):  # the other's next tile may start (this CTA's turn)
+                            turn[rank][1 - own].arrive()
+                            yield None
+                    finish_groups(0)  # wgmma.wait_group 0
+                    yield from release([e[previous] for e in empty], f"stage {previous}", local_stage)
+                    # the epilogue (epilogue_half_sep), as variant 2's: a span during which this
+                    # CTA's buffer must hold both producers' halves of this tile's operands
+                    if fault == "epi_release_early":
+                        yield from release(epi_empty, "the epilogue buffer", local_epi)
+                    epi_readers[rank][0] += 1
+                    for _step in range(4):
+                        check_epi(i, nt)
+                        yield None
+                    check_epi(i, nt)
+                    epi_readers[rank][0] -= 1
+                    if (block, nt) in epilogues:
+                        raise Violation(f"the epilogue of block {block} tile {nt} runs twice")
+                    epilogues[(block, nt)] = (cta, own)
+                    mine.append(nt)
+                    if fault != "epi_release_early":  # its MMAs have completed (each waited for)
+                        yield from release(epi_empty, "the epilogue buffer", local_epi)
+                    i += 1
+                # this warpgroup's partial of the item: zd_part[2 chunk + own] at its block's rows
+                partials.setdefault((item, rank, own), []).append((cta, mine))
+                yield None
+
+        for rank in range(2):
+            procs.append(until_sync(producer(rank), rank))
+            procs.append(until_sync(consumer(rank, 0), rank))
+            procs.append(until_sync(consumer(rank, 1), rank))
+        clusters_state.append((cluster, full, empty, epi_full, epi_empty))
+
+    # copies slow, middling or quick to land, as variant 2's
+    interleave(procs, copies_in_flight, rng, land=rng.choice((0.05, 0.3, 0.6)))
+
+    for cluster, full, empty, epi_full, epi_empty in clusters_state:  # none partway through a phase
+        for rank in range(2):
+            bars = [(f"full[{s}]", full[rank][s]) for s in range(stages)]
+            bars += [(f"empty[{s}]", empty[rank][s]) for s in range(stages)]
+            bars += [("epi_full", epi_full[rank]), ("epi_empty", epi_empty[rank])]
+            for name, bar in bars:
+                if bar.pending != bar.count or bar.tx != 0:
+                    raise Violation(f"cluster {cluster} rank {rank}: {name} ends with "
+                                    f"{bar.pending} arrivals and {bar.tx} bytes pending")
+    for cluster in range(clusters):
+        i = 0
+        for item in range(cluster, plan.items, clusters):
+            m_pair, _chunk, nts = plan.item(item)
+            for nt in nts:
+                for rank in range(2):
+                    block, want = 2 * m_pair + rank, (2 * cluster + rank, i % 2)
+                    for ks in range(k_steps):
+                        if consumed.get((block, nt, ks)) != want:
+                            raise Violation(f"block {block} tile {nt} K step {ks} consumed by (cta, "
+                                            f"wg) {consumed.get((block, nt, ks))}, not {want}")
+                    if epilogues.get((block, nt)) != want:
+                        raise Violation(f"block {block} tile {nt}'s epilogue ran on (cta, wg) "
+                                        f"{epilogues.get((block, nt))}, not {want}")
+                i += 1
+            first = i - len(nts)  # the cluster's count at the item's first tile (both CTAs')
+            for rank in range(2):
+                for own in range(2):
+                    want = [(2 * cluster + rank, [nt for j, nt in enumerate(nts) if (first + j) % 2 == own])]
+                    if partials.get((item, rank, own)) != want:
+                        raise Violation(f"item {item} rank {rank} wg {own} wrote zd partials "
+                                        f"{partials.get((item, rank, own))}, not {want}")
+    if len(partials) != 4 * plan.items:
+        raise Violation(f"{len(partials)} zd partials written, not {4 * plan.items}")
+
+
+def run(seeds, verbose=False, fault=None,
+        variants=(COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER)):
     """Random shapes and interleavings; returns the number of runs (raises at the first fault)."""
     runs = 0
     for seed in range(seeds):
@@ -619,16 +888,27 @@ def run(seeds, verbose=False, fault=None, variants=(COOPERATIVE, PINGPONG, FUSED
         # max_ctas, the grid min(ctas, tiles) rounded down to whole clusters
         cluster = dict(m_pairs=rng.randint(1, 2), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
                        ctas=rng.randint(2, 8))
+        # variant 4's, drawn after variant 3's (which stays as it was): ctas as the launcher's
+        # max_ctas (ctas // 2 clusters), the launcher's clusters or (a third of the time) fewer
+        fused_cluster = dict(m_pairs=rng.randint(1, 3), n_tiles=rng.randint(1, 6),
+                             k_steps=rng.randint(1, 8), ctas=rng.randint(2, 10))
+        items = make_plan(fused_cluster["m_pairs"] * 128, fused_cluster["n_tiles"] * kTI,
+                          fused_cluster["ctas"] // 2, tm=128).items
+        launch = min(fused_cluster["ctas"] // 2, items)
+        fused_cluster["clusters"] = launch if rng.random() < 2 / 3 else rng.randint(1, launch)
         for variant in variants:
             if variant == FUSED:  # v17's stage count on even seeds, v18's on odd ones
                 simulate_fused(seed=seed, fault=fault, stages=4 if seed % 2 == 0 else 6, **fused)
             elif variant == CLUSTER:
                 simulate_cluster(seed=seed, fault=fault, **cluster)
+            elif variant == FUSED_CLUSTER:
+                simulate_fused_cluster(seed=seed, fault=fault, **fused_cluster)
             else:
                 simulate(variant, seed=seed, fault=fault, **shape)
             runs += 1
         if verbose and seed % 50 == 0:
-            print(f"seed {seed}: {shape}, fused {fused}, cluster {cluster} ok", flush=True)
+            print(f"seed {seed}: {shape}, fused {fused}, cluster {cluster}, fused cluster "
+                  f"{fused_cluster} ok", flush=True)
     return runs
 
 

@@ -43,8 +43,8 @@ def test_bench_shape_row_on_cpu():
 
 
 def test_wgmma_protocol_holds_under_random_interleavings():
-    """The four variants' protocols: 100 random shapes and interleavings each."""
-    assert sim.run(100) == 400
+    """The five variants' protocols: 100 random shapes and interleavings each."""
+    assert sim.run(100) == 500
 
 
 def test_barrier_signed_tx():
@@ -64,17 +64,22 @@ def test_barrier_signed_tx():
         plain.complete_tx(1)
 
 
-def test_cluster_sim_lands_peer_bytes_before_expect_tx(monkeypatch):
-    """Variant 3's runs do take the case above (a peer's half landing before the expect_tx)."""
-    early = []
+@pytest.mark.parametrize("variant", [sim.CLUSTER, sim.FUSED_CLUSTER])
+def test_cluster_sim_lands_peer_bytes_before_expect_tx(monkeypatch, variant):
+    """Variants 3 and 4's runs do take the case above (a peer's half landing before the
+    expect_tx); variant 4's also with two or three of the peer's epilogue halves in (only the
+    epilogue buffer's "full" barrier can go below one half's bytes)."""
+    tx = []
     complete_tx = sim.Barrier.complete_tx
 
     def counting(self, nbytes):
         complete_tx(self, nbytes)
-        early.append(self.tx < 0)
+        tx.append(self.tx)
     monkeypatch.setattr(sim.Barrier, "complete_tx", counting)
-    sim.run(20, variants=(sim.CLUSTER,))
-    assert any(early)
+    sim.run(20, variants=(variant,))
+    assert min(tx) < 0
+    if variant == sim.FUSED_CLUSTER:
+        assert min(tx) <= -2 * sim.HALF_BYTES
 
 
 def test_fused_plan_mirrors_the_kernel():
@@ -88,20 +93,38 @@ def test_fused_plan_mirrors_the_kernel():
     assert (p.n_chunks, p.tiles_per_chunk, p.items) == (1, 2, 3)
 
 
+def test_fused_cluster_plan_mirrors_the_launcher():
+    """v18c's plan (variant 4): over max_ctas // 2 clusters and pairs of 64-token blocks
+    (make_plan(T, I, units, 64 * 2)); 132 SMs over T = 256, I = 320: 66 clusters, 2 block pairs,
+    5 tiles: 10 items, a grid of 20 CTAs."""
+    p = sim.make_plan(256, 320, 132 // 2, tm=128)
+    assert (p.m_blocks, p.n_tiles, p.n_chunks, p.tiles_per_chunk, p.items) == (2, 5, 5, 1, 10)
+    p = sim.make_plan(256, 320, 5 // 2, tm=128)  # max_ctas 5: 2 clusters (a grid of 4)
+    assert (p.m_blocks, p.n_chunks, p.tiles_per_chunk, p.items) == (2, 1, 5, 2)
+
+
 # what variant 2's faults show up as: a stale read of the epilogue buffer (the turn handed over
 # before the "full" wait: the other warpgroup's wait passes on the phase still open), a copy
 # landing in it under the epilogue (or the epilogue reading the next tile's operands); variant
 # 3's: the peer's multicast of a later fill landing in a stage this CTA still reads or has yet to
 # read (released locally only), a K step reading a stage one B half short (expect_tx of the CTA's
-# own copies only), the peer's release arriving on a CTA gone (no cluster barrier before exit)
+# own copies only), the peer's release arriving on a CTA gone (no cluster barrier before exit);
+# variant 4's (keyed (fault, variant) where they differ): the same, or in the epilogue buffer (the
+# peer's epilogue copy landing under an epilogue, an epilogue reading the buffer with another
+# tile's halves or short of one), and the last release of the buffer reaching a CTA gone
 CAUGHT_AS = {"turn_before_epi": "epilogue of tile .* reads the buffer holding",
              "epi_release_early": "the buffer",
              "local_release_only": "lands in stage .* of rank .* while an MMA reads it|holding fills",
              "half_expect": "reads stage .* holding fills",
-             "no_final_sync": "release of stage .* reaches cta rank .* after it exited"}
+             "no_final_sync": "release of stage .* reaches cta rank .* after it exited",
+             ("local_release_only", sim.FUSED_CLUSTER):
+                 "lands in (stage .*|the buffer) of rank .* while an (MMA|epilogue) reads it|holding",
+             ("no_final_sync", sim.FUSED_CLUSTER):
+                 "release of (stage .*|the epilogue buffer) reaches cta rank .* after it exited",
+             "epi_local_release_only": "the buffer"}
 
 
 @pytest.mark.parametrize("fault,variant", [(f, v) for f, vs in sim.FAULTS.items() for v in vs])
 def test_wgmma_protocol_sim_catches_planted_faults(fault, variant):
-    with pytest.raises(sim.Violation, match=CAUGHT_AS.get(fault)):
+    with pytest.raises(sim.Violation, match=CAUGHT_AS.get((fault, variant), CAUGHT_AS.get(fault))):
         sim.run(300, fault=fault, variants=(variant,))
