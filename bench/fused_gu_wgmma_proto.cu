@@ -6,6 +6,7 @@
 // For E = 8 experts of rank R = 16, k = 2 pairs a token, bf16, it computes for a token t with
 // experts e_0, e_1 and weights w_0, w_1 (s the LoRA scale, folded into zg and zu by the caller):
 //   g_j = x Wg^T + zg_j Bg[e_j]^T,  u_j = x Wu^T + zu_j Bu[e_j]^T,  h_j = silu(g_j) u_j
+//   (v17: x Wg^T and x Wu^T rounded to bf16 first, as the library's GEMMs write them)
 //   hbar = w_0 bf16(h_0) + w_1 h_1                                  [T, I] bf16
 //   zd_j = bf16(h_j) Ad[e_j]^T, summed over I by column chunk and warpgroup [P, T, 2, R] fp32
 // so G and U never go through device memory.
@@ -29,7 +30,7 @@
 //   2. h_0 = silu(g) u, kept as bf16 pairs (16 registers), which are already the A fragments
 //      of the next product.
 //   3. zd_0 += h_0 Ad^T: 4 x m64n32k16 a pair of experts, each row keeping its expert's columns
-//      (a select) in 32 fp32 registers that last over the item's tiles.
+//      (a select), added to the warpgroup's zd sums in shared memory (over the item's tiles).
 //   4. the deltas of pair 1 as in 1 with A = (Z_1 - Z_0) masked (a token's two experts differ,
 //      so a row's kappa slot holds z_1, -z_0 or 0): the sums become x W^T + delta_1.
 //   5. h_1, hbar = w_0 h_0 + w_1 h_1 stored as bf16; 6. zd_1 as in 3.
@@ -45,8 +46,12 @@
 // epilogue wgmma adds into them: ptxas then keeps every wgmma pipelined, with no spills, even
 // with the training variant's G / U stores; v17's form, at 128 tokens, does so only by the
 // allocator's heuristics and not with the stores (bench/NOTES.md v17, v18). 6 stages of 24 KiB.
-// Shapes: T % 128 (v17) or 64 (v18) == 0, H % 64 == 0, I % 64 == 0, 16-byte aligned rows (the
-// launcher checks).
+//
+// v18c (variant 2): v18 in clusters of 2 CTAs that take the two 64-token blocks of an item in
+// lockstep, each producer copying its own x rows and half of the weight rows and of the epilogue
+// operands, the halves multicast into both CTAs: v17's L2 reads a FLOP with v18's registers.
+// Shapes: T % 128 (v17, v18c) or 64 (v18) == 0, H % 64 == 0, I % 64 == 0, 16-byte aligned rows
+// (the launcher checks).
 #include "wgmma_common.cuh"
 
 #include "swiglu/swiglu_fast_math.cuh"  // activation_at: the library's SiLU
