@@ -292,8 +292,22 @@ def fused(so, op, max_ctas=0, out=None, variant=0, gu=None):
     return hbar, part
 
 
+# Where check / time_shape run: the GPU; tests/test_bench_fused_gu.py runs them on the CPU with
+# `fused` replaced by the emulation, so that the device call does not find the driver's bugs.
+DEV = "cuda"
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def sm_count():
+    return torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+
+
 def check(so, variant, T, H, I, max_ctas):
-    p = Problem(T, H, I, "cuda")
+    p = Problem(T, H, I, DEV)
     op = prepare(p)
     ref_hbar, ref_zd = reference(p)
     max_ctas = at_least_a_cluster(max_ctas, variant)
@@ -301,14 +315,14 @@ def check(so, variant, T, H, I, max_ctas):
     P = so.fused_gu_partials(T, I, max_ctas, variant)
     runs = []
     for _ in range(2):
-        out = (torch.full((T, I), float("nan"), device="cuda", dtype=torch.bfloat16),
-               torch.full((P, T, K, R), float("nan"), device="cuda"))
+        out = (torch.full((T, I), float("nan"), device=DEV, dtype=torch.bfloat16),
+               torch.full((P, T, K, R), float("nan"), device=DEV))
         gu = None
         if variant >= 1:  # training: G and U out too (NaN before)
-            gu = tuple(torch.full((T, I), float("nan"), device="cuda", dtype=torch.bfloat16)
+            gu = tuple(torch.full((T, I), float("nan"), device=DEV, dtype=torch.bfloat16)
                        for _ in range(2))
         runs.append(fused(so, op, max_ctas, out, variant, gu) + (gu,))
-    torch.cuda.synchronize()
+    sync()
     hbar, part, gu = runs[0]
     row.update(errors(hbar, part.sum(0), ref_hbar, ref_zd))
     row["nan"] = bool(torch.isnan(hbar).any().item() or torch.isnan(part).any().item())
@@ -326,7 +340,7 @@ def check(so, variant, T, H, I, max_ctas):
         gu_ok = gu_ok and row["gu_repeat_identical"]
     # the decomposition on the GPU in fp32: where the kernel and the reference disagree, this
     # says whose the difference is (ctas as the kernel's plan saw them)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sm_count()
     if T * I <= 1024 * 1024:
         e_hbar, e_part, _ = emulate(op, max_ctas if max_ctas > 0 else sms, variant)
         row["vs_emulation"] = errors(hbar, part.sum(0), e_hbar.float(), e_part.sum(0))
@@ -341,7 +355,7 @@ def check(so, variant, T, H, I, max_ctas):
 def dense_lora_split(so, variant, T, H, I):
     """When a check fails: the same shape with the LoRA zeroed (zg = zu = 0: the GEMM, the
     interleave and the SwiGLU alone) and with only pair 0's experts' z (the masks and deltas)."""
-    p = Problem(T, H, I, "cuda")
+    p = Problem(T, H, I, DEV)
     for name, edit in (("no_lora", lambda q: (q.zg.zero_(), q.zu.zero_())),
                        ("pair0_only", lambda q: (q.zg[:, 1].zero_(), q.zu[:, 1].zero_()))):
         edit(p)
@@ -359,7 +373,7 @@ def time_shape(so, variants, T, H, I, reps):
     """Ours (hbar and zd partials, then their sum; v18 also in training, writing G and U) beside
     cuBLAS's gate / up GEMM + silu(G) * U (the dense MLP's part this replaces) and the library's
     path (the same GEMM + moe_swiglu)."""
-    p = Problem(T, H, I, "cuda")
+    p = Problem(T, H, I, DEV)
     op = prepare(p)
     wgu = torch.cat([p.Wg, p.Wu])
     silu = torch.nn.functional.silu
@@ -379,8 +393,8 @@ def time_shape(so, variants, T, H, I, reps):
         out = fused(so, op, variant=v)
         fns[VARIANTS[v]] = repeated(lambda v=v, out=out: (fused(so, op, 0, out, v), out[1].sum(0)))
         if v >= 1:
-            gu = (torch.empty(T, I, device="cuda", dtype=torch.bfloat16),
-                  torch.empty(T, I, device="cuda", dtype=torch.bfloat16))
+            gu = (torch.empty(T, I, device=DEV, dtype=torch.bfloat16),
+                  torch.empty(T, I, device=DEV, dtype=torch.bfloat16))
             fns[VARIANTS[v] + "_training"] = repeated(
                 lambda v=v, out=out, gu=gu: (fused(so, op, 0, out, v, gu), out[1].sum(0)))
     fns.update(cublas_gu=repeated(lambda: p.x @ wgu.t()), dense_gu_swiglu=repeated(dense))
@@ -395,7 +409,7 @@ def time_shape(so, variants, T, H, I, reps):
         fns["library_gu_moe_swiglu"] = repeated(library)
     except Exception as exc:  # the extension not built here: time the rest
         print(f"library path not timed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    got = {n: ms / CALLS for n, ms in interleaved_medians(fns, reps, call_timer(torch.device("cuda"))).items()}
+    got = {n: ms / CALLS for n, ms in interleaved_medians(fns, reps, call_timer(torch.device(DEV))).items()}
     row = dict(T=T, H=H, I=I, **{f"{n}_ms": ms for n, ms in got.items()})
     for v in variants:
         name = VARIANTS[v]

@@ -104,3 +104,61 @@ def test_ptxas_report_reads_each_kernel():
               f"function '{name}'\nptxas info    : Compiling entry function '{name}' for 'sm_90a'\n"
               f"    32 bytes stack frame, 32 bytes spill stores, 64 bytes spill loads\n")
     assert v17.ptxas_report(stderr) == {"fused_gu_kernel<1, 2>": dict(spill_store_bytes=32, serialized=["C7511"])}
+
+
+class _FakeLib:
+    """The kernels' library as the driver sees it, for check / time_shape on the CPU."""
+    ptxas = {}
+
+    @staticmethod
+    def fused_gu_partials(T, I, max_ctas, variant):
+        return 2 * v17.plan(T, I, max_ctas if max_ctas > 0 else v17.sm_count(), variant)[2]
+
+
+def _fake_fused(corrupt=None):
+    """v17.fused by the emulation (and G, U by the products it rounds), optionally corrupted."""
+    def fused(so, op, max_ctas=0, out=None, variant=0, gu=None):
+        ctas = max_ctas if max_ctas > 0 else v17.sm_count()
+        hbar, part, _ = v17.emulate(op, ctas, variant)
+        if out is None:
+            out = (torch.empty_like(hbar), torch.empty_like(part))
+        out[0].copy_(hbar)
+        out[1].copy_(part)
+        if gu is not None:
+            I = op["ad"].shape[1]
+            s = (op["x"].float() @ op["wgu"].float().t()).view(-1, I // 64, 2, 64)
+            gu[0].copy_(s[:, :, 0].reshape(-1, I))
+            gu[1].copy_(s[:, :, 1].reshape(-1, I))
+        if corrupt is not None:
+            corrupt(out, gu)
+        return out
+    return fused
+
+
+@pytest.mark.parametrize("variant", list(v17.VARIANTS))
+def test_driver_check_on_the_cpu(monkeypatch, variant):
+    """The device call's check() path (poisoned outputs, partial counts, G / U bounds, the
+    emulation comparison) run on the CPU: a driver bug must not cost a device call."""
+    monkeypatch.setattr(v17, "DEV", "cpu")
+    monkeypatch.setattr(v17, "fused", _fake_fused())
+    for shape in v17.CHECK_SHAPES[:3]:
+        row = v17.check(_FakeLib, variant, *shape)
+        assert row["ok"], row
+        assert row["vs_emulation"] == dict(hbar=0.0, zd=0.0), row
+    # a partial left unwritten (NaN), or G off by more than its bound, fails the check
+    monkeypatch.setattr(v17, "fused", _fake_fused(lambda out, gu: out[1][0, 0, 0].fill_(float("nan"))))
+    assert not v17.check(_FakeLib, variant, *v17.CHECK_SHAPES[0])["ok"]
+    if variant >= 1:
+        monkeypatch.setattr(v17, "fused", _fake_fused(lambda out, gu: gu[0].mul_(1.1)))
+        assert not v17.check(_FakeLib, variant, *v17.CHECK_SHAPES[0])["ok"]
+
+
+def test_driver_time_shape_on_the_cpu(monkeypatch):
+    """time_shape's rows (every variant, v18's and v18c's training runs, the ratios) on the CPU."""
+    monkeypatch.setattr(v17, "DEV", "cpu")
+    monkeypatch.setattr(v17, "fused", _fake_fused())
+    row = v17.time_shape(_FakeLib, list(v17.VARIANTS), 128, 64, 128, reps=2)
+    for name in ("v17", "v18", "v18c", "v18_training", "v18c_training", "cublas_gu", "dense_gu_swiglu"):
+        assert row[f"{name}_ms"] > 0, row
+    for name in ("v17", "v18", "v18c"):
+        assert row[f"{name}_vs_dense_gu_swiglu"] == row[f"{name}_ms"] / row["dense_gu_swiglu_ms"]
