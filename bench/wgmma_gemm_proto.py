@@ -70,20 +70,26 @@ def ours(so, A, B, C, variant, max_ctas=0):
     return C
 
 
+# Where check / diagnose / time_shape run: the GPU; tests/test_bench_fused_gu.py runs them on the
+# CPU with `ours` replaced by a product, so that the device call does not find the driver's bugs.
+DEV = "cuda"
+
+
 def inputs(M, N, K):
-    A = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    B = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+    A = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    B = torch.randn(N, K, device=DEV, dtype=torch.bfloat16) * K ** -0.5
     return A, B
 
 
 def check(so, variant, M, N, K):
     A, B = inputs(M, N, K)
     exact = A.float() @ B.float().t()
-    C = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    C = torch.full((M, N), float("nan"), device=DEV, dtype=torch.bfloat16)
     ours(so, A, B, C, variant)
     again = torch.full_like(C, float("nan"))
     ours(so, A, B, again, variant)
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     err = (C.float() - exact).abs().max().item()
     cublas_err = (torch.mm(A, B.t()).float() - exact).abs().max().item()
     bound = 2 * cublas_err + exact.abs().max().item() * 2.0 ** -8
@@ -104,13 +110,13 @@ def diagnose(so, variant):
     64-row half) and 128-135 (the second block: variant 2's other CTA), columns 0-7 and 64-71
     (in variant 2, B rows each CTA's producer copied), as "B row/k", wrong ones in brackets."""
     M, N, K = 256, 256, 64  # (two row blocks: variant 2's cluster takes both)
-    A = torch.zeros(M, K, device="cuda", dtype=torch.bfloat16)
+    A = torch.zeros(M, K, device=DEV, dtype=torch.bfloat16)
     A[torch.arange(M), torch.arange(M) % K] = 1
-    index_b = [torch.arange(N, device="cuda")[:, None].expand(N, K),
-               torch.arange(K, device="cuda")[None, :].expand(N, K)]
+    index_b = [torch.arange(N, device=DEV)[:, None].expand(N, K),
+               torch.arange(K, device=DEV)[None, :].expand(N, K)]
     got = []
     for index in index_b:
-        C = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+        C = torch.full((M, N), float("nan"), device=DEV, dtype=torch.bfloat16)
         ours(so, A, index.to(torch.bfloat16).contiguous(), C, variant)
         got.append(C.float().cpu())
     want_row = torch.arange(N).float()[None, :].expand(M, N)
@@ -131,7 +137,7 @@ CALLS = 5  # calls a timed sample: the host's work for one call overlaps the GPU
 
 def time_shape(so, variants, M, N, K, reps):
     A, B = inputs(M, N, K)
-    C = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    C = torch.empty(M, N, device=DEV, dtype=torch.bfloat16)
 
     def repeated(fn):
         def run():
@@ -142,7 +148,7 @@ def time_shape(so, variants, M, N, K, reps):
     fns = {VARIANTS[v]: repeated(lambda v=v: ours(so, A, B, C, v)) for v in variants}
     fns["cublas"] = repeated(lambda: torch.mm(A, B.t()))
     got = {name: ms / CALLS for name, ms in
-           interleaved_medians(fns, reps, call_timer(torch.device("cuda"))).items()}
+           interleaved_medians(fns, reps, call_timer(torch.device(DEV))).items()}
     flop = 2 * M * N * K
     row = dict(M=M, N=N, K=K, **{f"{name}_ms": ms for name, ms in got.items()},
                **{f"{name}_tflops": flop / ms / 1e9 for name, ms in got.items()},

@@ -162,3 +162,30 @@ def test_driver_time_shape_on_the_cpu(monkeypatch):
         assert row[f"{name}_ms"] > 0, row
     for name in ("v17", "v18", "v18c"):
         assert row[f"{name}_vs_dense_gu_swiglu"] == row[f"{name}_ms"] / row["dense_gu_swiglu_ms"]
+
+
+def test_v16_driver_on_the_cpu(monkeypatch, capsys):
+    """bench/wgmma_gemm_proto.py's check, diagnose and time_shape on the CPU with its kernel
+    replaced by the product (and by a planted column swap): right results pass, wrong ones fail
+    and are decoded, the timing rows come out."""
+    import wgmma_gemm_proto as v16
+    monkeypatch.setattr(v16, "DEV", "cpu")
+
+    def product(so, A, B, C, variant, max_ctas=0):
+        C.copy_((A.float() @ B.float().t()).to(C.dtype))
+        return C
+
+    def swapped(so, A, B, C, variant, max_ctas=0):
+        product(so, A, B, C, variant)
+        C[:, [0, 1]] = C[:, [1, 0]]
+        return C
+
+    monkeypatch.setattr(v16, "ours", product)
+    for v in v16.VARIANTS:
+        assert all(v16.check(None, v, *s)["ok"] for s in v16.CHECK_SHAPES[:2] if v16.takes(v, *s))
+    row = v16.time_shape(None, list(v16.VARIANTS), 256, 256, 64, reps=2)
+    assert all(row[f"{name}_ratio"] > 0 for name in v16.VARIANTS.values()), row
+    monkeypatch.setattr(v16, "ours", swapped)
+    assert not v16.check(None, 1, *v16.CHECK_SHAPES[1])["ok"]
+    v16.diagnose(None, 2)
+    assert "512 of 65536 outputs read the wrong element" in capsys.readouterr().out
