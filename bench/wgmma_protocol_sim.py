@@ -5,41 +5,57 @@ warpgroups (each warp's arrivals separate), the bulk copies (which land at any l
 the wgmma groups (which finish at any time up to their wait), with mbarriers modelled as the PTX
 ISA defines them (a phase completes when its pending arrivals reach zero and its transaction bytes
 are all in; `try_wait.parity P` passes when the current, incomplete phase's parity differs from
-P). The loops below mirror the kernels' loops line for line. Checked at every step: a consumer's
-MMAs read the stage holding the fill they mean (tile, K step), no copy lands in a stage an
-unfinished MMA group still reads, every tile's every K step is consumed once by the warpgroup that
-owns it, and nothing deadlocks.
+P). The loops below mirror the kernels' loops line for line, and as the kernels are templates on
+the cluster size CLUSTER (1 or 2), so is the sim: `simulate` mirrors `wgmma_gemm_kernel` (variant
+0) and `wgmma_gemm_pingpong_kernel<CLUSTER>` (variants 1 and 3), `simulate_fused` mirrors
+`fused_gu_kernel<HALVES, CLUSTER>` (variants 2 and 4). Both run over `Cluster`s: the CTAs of a
+cluster (index: rank; with CLUSTER 1 a CTA alone, rank 0), their barriers and shared memory, the
+producer's fill of a stage (`produce`, `produce_multicast`), the copies landing, the consumers'
+releases (`release<CLUSTER>`) and the CTAs' exit; and over `Warpgroup`s: a consumer warpgroup's
+main loop over a tile's K steps. CTAs are named by (cluster, rank) in the messages. Checked at
+every step: a consumer's MMAs read the stage holding the fill they mean (tile, K step), no copy
+lands in a stage an unfinished MMA group still reads, every tile's every K step is consumed once
+by the warpgroup that owns it (variant 0: by each of the two), nothing reaches a CTA after it
+exited, and nothing deadlocks; at the end, no barrier is partway through a phase.
 
-Variant 2 (FUSED, `fused_gu_kernel`, v17 and v18 alike: 4 stages on even seeds as v17's tiles of
-128 tokens, 6 on odd ones as v18's of 64): the ping-pong of variant 1, work split into
-items (a 128-token block, a chunk of 64-column tiles; `make_plan` below mirrors the kernel's), a
-CTA taking items blockIdx, blockIdx + grid, .. and numbering its tiles i = 0, 1, .. across them
-(consumer warpgroup `own` takes those with i % 2 == own), and one epilogue buffer: after a tile's
-K steps the producer waits for the buffer's "empty" barrier (the previous tile's epilogue done)
-and copies the tile's epilogue operands into it (three copies, each landing on its own). The
-consumer waits for the buffer's "full" barrier after its main loop, only then hands the turn to
-the other warpgroup, and releases the buffer (4 warps) after its epilogue, which is modelled as a
-span of time during which the buffer must hold this tile's operands, fully landed, and no copy
-may land in it. At each item's end each warpgroup writes its zd partial (2 chunk + own); checked:
-each (item, warpgroup) writes once, holding the warpgroup's tiles of that item, and every tile's
-epilogue runs once, on warpgroup i % 2 of the item's CTA.
+Variant 0 (COOPERATIVE, `wgmma_gemm_kernel`): 4 stages, each read by both consumer warpgroups (64
+rows of the tile each) and released by their 8 warps. Variant 1 (PINGPONG,
+`wgmma_gemm_pingpong_kernel<1>`): 6 stages, consumer warpgroup `own` taking the CTA's tiles i = 0,
+1, .. with i % 2 == own (its K steps the producer's fills i k_steps, ..), its 4 warps releasing
+each stage, the two warpgroups' main loops taking turns (turn[own]: the other's main loop of tile
+i - 1 has waited for all its stages). With CLUSTER 1 the sim lands a stage's two copies (A or x
+rows, B or weight rows) as one.
+
+Variant 2 (FUSED, `fused_gu_kernel<2, 1>` and `<1, 1>`, v17 and v18 alike: 4 stages on even seeds
+as v17's tiles of 128 tokens, 6 on odd ones as v18's of 64): the ping-pong of variant 1, work
+split into items (a 128-token block, a chunk of 64-column tiles; `make_plan` below mirrors the
+kernel's), a CTA taking items blockIdx, blockIdx + grid, .. and numbering its tiles i = 0, 1, ..
+across them (consumer warpgroup `own` takes those with i % 2 == own), and one epilogue buffer:
+after a tile's K steps the producer waits for the buffer's "empty" barrier (the previous tile's
+epilogue done) and copies the tile's epilogue operands into it (three copies, each landing on its
+own). The consumer waits for the buffer's "full" barrier after its main loop, only then hands the
+turn to the other warpgroup, and releases the buffer (4 warps) after its epilogue, which is
+modelled as a span of time during which the buffer must hold this tile's operands, fully landed,
+and no copy may land in it. At each item's end each warpgroup writes its zd partial (2 chunk +
+own); checked: each (item, warpgroup) writes once, holding the warpgroup's tiles of that item, and
+every tile's epilogue runs once, on warpgroup i % 2 of the item's CTA.
 
 Variant 3 (CLUSTER, the .cu's variant 2, `wgmma_gemm_pingpong_kernel<2>`): the ping-pong of variant
 1 in clusters of 2 CTAs (rank 0, 1; cluster blockIdx / 2 of grid / 2, the grid the launcher's:
-even), both walking the cluster's pair tiles pt = cluster, cluster + clusters, .., rank r's tile
-the row block 2 (pt % m_pairs) + r at the column block pt / m_pairs. Each CTA's producer
-(`produce_multicast`), per K step, waits for its own CTA's "empty" barrier (8 arrivals: the tile
-owner's 4 warps in each CTA), arrives with expect_tx of the whole stage on its own "full" barrier,
-and issues its A copy (landing in its own CTA) and its half of B multicast: one copy landing in
-the same stage of both CTAs, at a different time in each, completing bytes on that CTA's "full"
-barrier, so the peer's half can land before the CTA's own expect_tx (the transaction count goes
-below zero for a while: `Barrier(signed_tx=True)`). Consumers as variant 1's (turn barriers in
-their CTA), but each warp releases a stage on the "empty" barriers of both CTAs. Checked besides:
-a K step reads the stage with its A and both B halves (from the two producers) of the fill it
-means, no copy lands in a stage of the CTA it lands in while an MMA group there reads it, no
-barrier is partway through a phase at exit, and nothing touches a CTA after it exited (the
-kernel's final cluster_sync: a CTA exits once the processes of both have finished; the planted
-fault no_final_sync lets it go once its own have).
+even), both walking the cluster's tiles t = cluster, cluster + clusters, .. (m_units = M / 256),
+rank r's tile the row block 2 (t % m_units) + r at the column block t / m_units. Each CTA's
+producer (`produce_multicast`), per K step, waits for its own CTA's "empty" barrier (8 arrivals:
+the tile owner's 4 warps in each CTA), arrives with expect_tx of the whole stage on its own "full"
+barrier, and issues its A copy (landing in its own CTA) and its half of B multicast: one copy
+landing in the same stage of both CTAs, at a different time in each, completing bytes on that
+CTA's "full" barrier, so the peer's half can land before the CTA's own expect_tx (the transaction
+count goes below zero for a while: `Barrier(signed_tx=True)`). Consumers as variant 1's (turn
+barriers in their CTA), but each warp releases a stage on the "empty" barriers of both CTAs.
+Checked besides: a K step reads the stage with its A and both B halves (from the two producers)
+of the fill it means, no copy lands in a stage of the CTA it lands in while an MMA group there
+reads it, and nothing touches a CTA after it exited (the kernel's final cluster_sync: a CTA exits
+once the processes of both have finished; the planted fault no_final_sync lets it go once its
+own have).
 
 Variant 4 (FUSED_CLUSTER, v18c: `fused_gu_kernel<1, 2>`, the launcher's variant 2): variant 2
 with v18's 6 stages in clusters of 2 CTAs, the plan over ctas // 2 clusters and pairs of 64-token
@@ -57,10 +73,9 @@ as variant 2's (turn barriers in their CTA), each warp's release of a stage or o
 (`release<2>`) arriving on the barrier of both CTAs. Checked besides variant 2's checks (by
 64-token block; the zd partials by (item, rank, warpgroup)) and variant 3's cross-CTA ones: the
 epilogue reads its CTA's buffer holding both producers' halves of each box of its tile, no
-landing in a CTA's buffer while an epilogue there reads it, nothing partway through a phase at
-exit. The fault local_release_only keeps both the stages' and the buffer's releases local (their
-counts 4), half_expect both expect_tx to the CTA's own bytes; epi_local_release_only keeps the
-buffer's release local only.
+landing in a CTA's buffer while an epilogue there reads it. The fault local_release_only keeps
+both the stages' and the buffer's releases local (their counts 4), half_expect both expect_tx to
+the CTA's own bytes; epi_local_release_only keeps the buffer's release local only.
 
     python3 bench/wgmma_protocol_sim.py [--seeds 200]       (tests/test_bench.py runs a few)
 """
@@ -155,119 +170,277 @@ def interleave(procs, copies_in_flight, rng, land=0.3):
             waiting[j] = None
 
 
-def simulate(variant, m_tiles, n_tiles, k_steps, grid, seed, fault=None):
-    """One random interleaving of one CTA set (variant 0 or 1); raises Violation (or
-    AssertionError) on a fault."""
-    assert variant in (COOPERATIVE, PINGPONG)
+# Bytes, in units of 8 KiB (64 rows of 64 bf16): a stage's A rows (128) or x rows (64: v18's;
+# v17's 128 count alike), its B or weight rows (128: kPpBN, kTN) and an epilogue box (128 rows);
+# in clusters of 2 each producer copies half of the latter two (HALF_BYTES). (Variant 0's B rows,
+# 256, count as 128 too: with CLUSTER 1 the bytes have only to add up.)
+A_BYTES, X_BYTES, B_BYTES, BOX_BYTES = 2, 1, 2, 2
+HALF_BYTES = B_BYTES // 2
+
+
+class Cluster:
+    """The `size` CTAs of a cluster (index: rank; CLUSTER 1: a CTA alone, rank 0), as the kernel
+    templates have them: each CTA's stages with their "full" and "empty" barriers, its turn pair
+    and (the fused kernel: `epilogue`) its epilogue buffer with its "full" and "empty" barriers,
+    all made before anything runs (the __syncthreads or cluster_sync after their init); the
+    producer's fills, the copies landing, the consumers' releases and the CTAs' exit. own_bytes:
+    a stage's own rows (A_BYTES or X_BYTES); rows: their name and the other rows' ("A", "B" or
+    "x", "weight"); warpgroups: the consumer warpgroups reading a stage (variant 0's 2)."""
+
+    def __init__(self, index, size, stages, fault, copies_in_flight, own_bytes, rows, warpgroups=1,
+                 epilogue=False):
+        self.index, self.size, self.stages, self.fault = index, size, stages, fault
+        self.copies_in_flight, self.own_bytes, self.epilogue = copies_in_flight, own_bytes, epilogue
+        ranks = range(size)
+        # a release of a stage or of the buffer (release<CLUSTER>): each owner warp's, with
+        # CLUSTER 2 on the barrier of both CTAs (either producer refills both), so "empty" takes
+        # the owner's 4 warps of each CTA (4 CLUSTER); the faults keep them local (their counts 4)
+        self.local_stage = size == 1 or fault == "local_release_only"
+        self.local_epi = size == 1 or fault in ("local_release_only", "epi_local_release_only")
+        signed = size == 2  # the peer's multicast bytes may land before the CTA's own expect_tx
+        self.full = [[Barrier(1, signed_tx=signed) for _ in range(stages)] for _ in ranks]
+        arrivals = 4 * warpgroups * (1 if self.local_stage else size)
+        self.empty = [[Barrier(arrivals) for _ in range(stages)] for _ in ranks]
+        self.turn = [[Barrier(4), Barrier(4)] for _ in ranks]  # turn[w]: the other's 4 warps
+        # which fill (it) a stage's parts hold: with CLUSTER 1 its copies (one landing), with
+        # CLUSTER 2 its own rows, then the other rows' halves (index: the producer's rank)
+        self.tag = [[[None] * (1 if size == 1 else 3) for _ in range(stages)] for _ in ranks]
+        self.readers = [[0] * stages for _ in ranks]  # unfinished MMA groups reading the stage
+        own, other = rows
+        self.parts = (f"({own} and {other})" if size == 1
+                      else f"({own}, {other} half 0, {other} half 1)")
+        if epilogue:
+            self.epi_full = [Barrier(1, signed_tx=signed) for _ in ranks]
+            self.epi_empty = [Barrier(4 * (1 if self.local_epi else size)) for _ in ranks]
+            # which tile (i) each box's halves (index: the producer's rank) hold
+            self.epi_tag = [[[None] * size for _ in range(3)] for _ in ranks]
+            self.epi_readers = [0] * size  # epilogues reading the buffer
+        self.running = [3] * size  # the CTA's processes not yet at exit (its final cluster_sync)
+
+    def gone(self, rank):
+        """CTA rank has exited: all its processes and (CLUSTER 2: the final cluster_sync) its
+        peer's have finished; without that sync (the fault no_final_sync), its own alone."""
+        return self.running[rank] == 0 and (self.fault == "no_final_sync" or not any(self.running))
+
+    def reach(self, rank, what):  # what touches CTA rank's shared memory
+        if self.gone(rank):
+            raise Violation(f"cluster {self.index}: {what} reaches cta rank {rank} after it exited")
+
+    def until_sync(self, proc, rank):  # the process, then its exit (CLUSTER 2: cluster_sync arrival)
+        yield from proc
+        self.running[rank] -= 1
+
+    def fill(self, rank, it):
+        """CTA rank's producer's K step `it` (its it-th fill): it waits for the stage's "empty"
+        barrier (mbar_wait<true> with CLUSTER 2), arrives with expect_tx of the whole stage on its
+        "full" barrier and issues its copies: with CLUSTER 1 the stage's own and other rows
+        (`produce`: tma_load_2d twice, one landing here), with CLUSTER 2 its own rows into its CTA
+        and its half of the other rows multicast (`produce_multicast`, `produce<1, 2>`), one copy
+        landing in the same stage of each CTA, on its own."""
+        s = it % self.stages
+        parity = ((it // self.stages) & 1) ^ (0 if self.fault == "empty_parity" else 1)
+        yield lambda: self.empty[rank][s].passes(parity)
+        share = 1 if self.fault == "half_expect" else self.size  # the producers' parts it expects
+        self.full[rank][s].arrive(tx=self.own_bytes + share * B_BYTES // self.size)  # expect_tx
+        if self.size == 1:
+            self.copy(rank, rank, s, it, 0, self.own_bytes + B_BYTES)  # tma_load_2d, twice
+        else:
+            self.copy(rank, rank, s, it, 0, self.own_bytes)  # tma_load_2d
+            for dest in range(2):  # tma_load_2d_multicast, mask 0x3
+                self.copy(rank, dest, s, it, 1 + rank, HALF_BYTES)
+
+    def copy(self, rank, dest, s, it, part, nbytes):  # rank's copy of fill it, landing in CTA dest
+
+        def land():
+            self.reach(dest, f"rank {rank}'s copy of fill {it}")
+            if self.readers[dest][s]:
+                raise Violation(f"cluster {self.index}: rank {rank}'s copy of fill {it} lands in "
+                                f"stage {s} of rank {dest} while an MMA reads it")
+            self.tag[dest][s][part] = it
+            self.full[dest][s].complete_tx(nbytes)
+        self.copies_in_flight.append(land)
+
+    def fill_epilogue(self, rank, i):
+        """CTA rank's producer after the K steps of the CTA's tile i: it waits for the epilogue
+        buffer's "empty" barrier (the previous tile's epilogue done), arrives with expect_tx of
+        the whole buffer (kEpiBytes) on its "full" barrier and issues the three boxes (Bgu K 0-63,
+        Bgu K 64-127, Ad), with CLUSTER 2 its half of each multicast: each landing on its own."""
+        yield lambda: self.epi_empty[rank].passes((i & 1) ^ 1)
+        share = 1 if self.fault == "half_expect" else self.size
+        self.epi_full[rank].arrive(tx=3 * share * BOX_BYTES // self.size)
+        for box in range(3):
+            for dest in range(self.size):
+                self.copy_epilogue(rank, dest, box, i)
+
+    def copy_epilogue(self, rank, dest, box, i):  # rank's part of box, landing in CTA dest
+
+        def land():
+            self.reach(dest, f"rank {rank}'s epilogue copy of tile {i}")
+            if self.epi_readers[dest]:
+                raise Violation(f"cluster {self.index}: rank {rank}'s epilogue copy of tile {i} "
+                                f"lands in the buffer of rank {dest} while an epilogue reads it")
+            self.epi_tag[dest][box][rank] = i
+            self.epi_full[dest].complete_tx(BOX_BYTES // self.size)
+        self.copies_in_flight.append(land)
+
+    def release(self, rank, own, bars, what, local):
+        """release<CLUSTER> by the 4 warps of CTA rank's warpgroup own (each warp's lane 0): on
+        the barrier of `bars` (index: rank) in its own CTA, then (unless local) in the peer's."""
+        for _ in range(4):
+            bars[rank].arrive()
+            yield None
+            if not local:
+                self.reach(rank ^ 1, f"rank {rank} wg {own}'s release of {what}")
+                bars[rank ^ 1].arrive()
+                yield None
+
+    def check_exit(self):  # at exit no barrier is partway through a phase
+        for rank in range(self.size):
+            bars = [(f"full[{s}]", self.full[rank][s]) for s in range(self.stages)]
+            bars += [(f"empty[{s}]", self.empty[rank][s]) for s in range(self.stages)]
+            if self.epilogue:
+                bars += [("epi_full", self.epi_full[rank]), ("epi_empty", self.epi_empty[rank])]
+            for name, bar in bars:
+                if bar.pending != bar.count or bar.tx != 0:
+                    raise Violation(f"cluster {self.index} rank {rank}: {name} ends with "
+                                    f"{bar.pending} arrivals and {bar.tx} bytes pending")
+
+
+class Warpgroup:
+    """Consumer warpgroup 1 + own of CTA rank of a cluster: its MMA groups in flight, its main loop
+    over a tile's K steps (recorded in `consumed`: each K step read once, or with `shared`,
+    variant 0's, once by each warpgroup), its releases and its hand-over of the turn."""
+
+    def __init__(self, cl, rank, own, rng, consumed, shared=False):
+        self.cl, self.rank, self.own, self.rng = cl, rank, own, rng
+        self.consumed, self.shared = consumed, shared
+        self.cta = cl.size * cl.index + rank  # blockIdx
+        self.name = f"cluster {cl.index} rank {rank} wg {own}"
+        self.groups = []  # stages read by each unfinished group, oldest first
+        self.turns = 0    # its waits on its turn barrier
+
+    def finish_groups(self, keep):  # wgmma.wait_group keep
+        while len(self.groups) > keep:
+            self.cl.readers[self.rank][self.groups.pop(0)] -= 1
+
+    def main_loop(self, i, k_steps, tile):
+        """The K steps of the CTA's tile i (the producer's fills i k_steps, ..; `tile`: its row
+        and column blocks, consumed's key): each stage's "full" wait, its MMA group committed, the
+        previous group waited for and its stage released. Returns the last stage (its group
+        still in flight, unreleased)."""
+        cl, rank, stages = self.cl, self.rank, self.cl.stages
+        it, previous = i * k_steps, None
+        for ks in range(k_steps):
+            s = it % stages
+            yield lambda s=s, p=(it // stages) & 1: cl.full[rank][s].passes(p)
+            held = cl.tag[rank][s]
+            if held != [it] * len(held):
+                raise Violation(f"{self.name}: K step {ks} of tile {i} reads stage {s} holding "
+                                f"fills {cl.parts} {held}, not {it}")
+            key, who = (*tile, ks), (self.cta, self.own)
+            if key in self.consumed and (not self.shared or who in self.consumed[key]):
+                raise Violation(f"{key} consumed twice")
+            self.consumed.setdefault(key, []).append(who)
+            cl.readers[rank][s] += 1
+            self.groups.append(s)  # commit
+            if self.rng.random() < 0.5:
+                self.finish_groups(self.rng.randint(1, len(self.groups)))  # groups may finish early
+            if cl.fault != "release_early":
+                self.finish_groups(1)  # wgmma.wait_group 1
+            yield None  # (a point where the other processes may run)
+            if previous is not None:
+                yield from self.release_stage(previous)
+            previous = s
+            it += 1
+        return previous
+
+    def release_stage(self, s):
+        yield from self.cl.release(self.rank, self.own, [e[s] for e in self.cl.empty], f"stage {s}",
+                                   self.cl.local_stage)
+
+    def release_epilogue(self):
+        yield from self.cl.release(self.rank, self.own, self.cl.epi_empty, "the epilogue buffer",
+                                   self.cl.local_epi)
+
+    def wait_turn(self, i):  # before the CTA's tile i: the other's tile i - 1 has had all it waits for
+        if i > 0 and self.cl.fault != "no_turn":
+            yield lambda p=self.turns & 1: self.cl.turn[self.rank][self.own].passes(p)
+            self.turns += 1
+
+    def hand_turn(self):  # each warp's lane 0: the other's next tile may start (this CTA's turn)
+        for _ in range(4):
+            self.cl.turn[self.rank][1 - self.own].arrive()
+            yield None
+
+
+def simulate(variant, m_units, n_tiles, k_steps, ctas, seed, fault=None):
+    """One random interleaving of variant 0 (`wgmma_gemm_kernel`), 1 or 3
+    (`wgmma_gemm_pingpong_kernel<1>`, `<2>`) for M = 128 CLUSTER m_units, N = 128 n_tiles
+    (variant 0: 256), K = 64 k_steps and the launcher's grid for max_ctas `ctas` (min(ctas,
+    tiles), rounded down to whole clusters); raises Violation (or AssertionError) on a fault."""
+    assert variant in (COOPERATIVE, PINGPONG, CLUSTER)
     rng = random.Random(seed)
-    stages = 4 if variant == COOPERATIVE else 6
-    tiles = m_tiles * n_tiles
-    STAGE = 1  # bytes of a stage, in units
-    consumed = {}  # (cta, tile, ks) -> consumer warpgroup
+    size = 2 if variant == CLUSTER else 1  # CLUSTER
+    stages = 4 if variant == COOPERATIVE else 6  # kStages, kPpStages
+    tiles = m_units * n_tiles  # the CTA's (variant 3: the cluster's, a row block for each rank)
+    units = min(ctas, size * tiles) // size  # gridDim.x / CLUSTER
+    assert units >= 1
+    consumed = {}  # (row block, column block, ks) -> [(cta, consumer warpgroup)]
 
-    procs, copies_in_flight = [], []
-    for cta in range(min(grid, tiles)):
-        full = [Barrier(1) for _ in range(stages)]
-        empty = [Barrier(8 if variant == COOPERATIVE else 4) for _ in range(stages)]
-        turn = [Barrier(4), Barrier(4)]
-        stage_tag = [None] * stages      # which fill (it) the stage holds
-        readers = [0] * stages           # unfinished MMA groups reading the stage
-        my_tiles = list(range(cta, tiles, grid))
+    procs, copies_in_flight, clusters = [], [], []
+    for unit in range(units):
+        cl = Cluster(unit, size, stages, fault, copies_in_flight, A_BYTES, ("A", "B"),
+                     warpgroups=2 if variant == COOPERATIVE else 1)
+        walk = range(unit, tiles, units)  # the cluster's tiles, i = 0, 1, .. (both CTAs' alike)
 
-        def producer(cta=cta, full=full, empty=empty, stage_tag=stage_tag, readers=readers,
-                     my_tiles=my_tiles):
+        def producer(rank, cl=cl, walk=walk):  # produce (variants 0, 1), produce_multicast (3)
             it = 0
-            for _tile in my_tiles:
+            for _tile in walk:
                 for _ks in range(k_steps):
-                    s = it % stages
-                    parity = ((it // stages) & 1) ^ (0 if fault == "empty_parity" else 1)
-                    yield lambda s=s, parity=parity: empty[s].passes(parity)
-                    full[s].arrive(tx=STAGE)  # arrive.expect_tx
-
-                    def land(s=s, it=it):
-                        if readers[s]:
-                            raise Violation(f"cta {cta}: a copy lands in stage {s} while an MMA "
-                                            "reads it")
-                        stage_tag[s] = it
-                        full[s].complete_tx(STAGE)
-                    copies_in_flight.append(land)
+                    yield from cl.fill(rank, it)
                     it += 1
 
-        def consumer(wg, cta=cta, full=full, empty=empty, turn=turn, stage_tag=stage_tag,
-                     readers=readers, my_tiles=my_tiles):
-            groups = []  # stages read by each unfinished group, oldest first
-
-            def finish_groups(keep):  # wgmma.wait_group keep
-                while len(groups) > keep:
-                    readers[groups.pop(0)] -= 1
-
-            if variant == COOPERATIVE:
-                owned = [(i, t) for i, t in enumerate(my_tiles)]
-                it = 0
-            else:
-                owned = [(i, t) for i, t in enumerate(my_tiles) if i % 2 == wg]
-            turns = 0
-            for i, tile in owned:
-                if variant == PINGPONG:
-                    if i > 0 and fault != "no_turn":
-                        yield lambda p=turns & 1: turn[wg].passes(p)
-                        turns += 1
-                    it = i * k_steps
-                previous = None
-                for ks in range(k_steps):
-                    s = it % stages
-                    yield lambda s=s, p=(it // stages) & 1: full[s].passes(p)
-                    if stage_tag[s] != it:
-                        raise Violation(f"cta {cta} wg {wg}: K step {ks} of tile {tile} reads stage {s} "
-                                        f"holding fill {stage_tag[s]}, not {it}")
-                    key = (cta, tile, ks)
-                    if variant == COOPERATIVE:
-                        consumed.setdefault(key, set()).add(wg)
-                    elif key in consumed:
-                        raise Violation(f"{key} consumed twice")
-                    else:
-                        consumed[key] = wg
-                    readers[s] += 1
-                    groups.append(s)  # commit
-                    if rng.random() < 0.5:
-                        finish_groups(rng.randint(1, len(groups)))  # groups may finish early
-                    if fault != "release_early":
-                        finish_groups(1)  # wgmma.wait_group 1
-                    yield None  # (a point where the other processes may run)
-                    if previous is not None:
-                        for _ in range(4):  # each warp's lane 0
-                            empty[previous].arrive()
-                            yield None
-                    previous = s
-                    it += 1
-                if variant == PINGPONG:
-                    for _ in range(4):
-                        turn[1 - wg].arrive()
-                        yield None
-                finish_groups(0)
-                if previous is not None:
-                    for _ in range(4):
-                        empty[previous].arrive()
-                        yield None
+        def consumer(rank, own, cl=cl, walk=walk):  # consumer warpgroup 1 + own
+            wg = Warpgroup(cl, rank, own, rng, consumed, shared=variant == COOPERATIVE)
+            # variant 0: every tile (64 rows of it each); 1 and 3: the tiles i with i % 2 == own
+            first, step = (0, 1) if variant == COOPERATIVE else (own, 2)
+            for i in range(first, len(walk), step):
+                tile = ((walk[i] % m_units) * size + rank, walk[i] // m_units)  # (m0 / 128, n0 / BN)
+                if variant != COOPERATIVE:
+                    yield from wg.wait_turn(i)
+                previous = yield from wg.main_loop(i, k_steps, tile)
+                if variant != COOPERATIVE:
+                    yield from wg.hand_turn()
+                wg.finish_groups(0)  # wgmma.wait_group 0
+                yield from wg.release_stage(previous)
                 # (the epilogue: registers only)
 
-        procs.append(producer())
-        procs.append(consumer(0))
-        procs.append(consumer(1))
+        for rank in range(size):
+            procs.append(cl.until_sync(producer(rank), rank))
+            procs.append(cl.until_sync(consumer(rank, 0), rank))
+            procs.append(cl.until_sync(consumer(rank, 1), rank))
+        clusters.append(cl)
 
-    interleave(procs, copies_in_flight, rng)
-    for cta in range(min(grid, tiles)):
-        for tile in range(cta, tiles, grid):
+    # copies landing at a middling rate (variant 3: slow, middling or quick, as variant 2's)
+    land = 0.3 if size == 1 else rng.choice((0.05, 0.3, 0.6))
+    interleave(procs, copies_in_flight, rng, land)
+
+    for cl in clusters:
+        cl.check_exit()
+    for t in range(tiles):
+        unit, i = t % units, t // units  # the cluster's i-th tile
+        for rank in range(size):
+            cta = size * unit + rank
+            want = [(cta, 0), (cta, 1)] if variant == COOPERATIVE else [(cta, i % 2)]
             for ks in range(k_steps):
-                got = consumed.get((cta, tile, ks))
-                want = {0, 1} if variant == COOPERATIVE else None
-                if got is None or (want is not None and got != want):
-                    raise Violation(f"tile {tile} K step {ks} consumed by {got}")
-                if variant == PINGPONG and got != (tile - cta) // grid % 2:
-                    raise Violation(f"tile {tile} consumed by warpgroup {got}")
+                key = ((t % m_units) * size + rank, t // m_units, ks)
+                if sorted(consumed.get(key, [])) != want:
+                    raise Violation(f"tile {key[:2]} K step {ks} consumed by (cta, wg) "
+                                    f"{consumed.get(key)}, not {want}")
 
 
-# Variant 2's tiles: 128 tokens (kTM) x 64 columns of I (kTI).
+# The fused kernel's tiles as the sim counts them: 128 tokens (kTM: v17's tiles, v18c's block
+# pairs; v18's of 64 counted alike) x 64 columns of I (kTI).
 kTM, kTI = 128, 64
 
 
@@ -295,578 +468,135 @@ def make_plan(T, I, ctas, tm=kTM):
     return Plan(T, I, ctas, tm)
 
 
-def simulate_fused(m_blocks, n_tiles, k_steps, ctas, seed, fault=None, grid=None, stages=4):
-    """One random interleaving of variant 2 for T = 128 m_blocks tokens, I = 64 n_tiles columns,
-    H = 64 k_steps, a plan for `ctas` CTAs and a grid of `grid` (default the launcher's,
-    min(ctas, items); the kernel takes any fewer); raises Violation (or AssertionError) on a fault."""
+def simulate_fused(variant, m_blocks, n_tiles, k_steps, ctas, seed, fault=None, units=None,
+                   stages=6):
+    """One random interleaving of variant 2 (`fused_gu_kernel<2, 1>` with 4 stages, `<1, 1>` with
+    6) or 4 (`<1, 2>`) for T = 128 m_blocks tokens (variant 4: pairs of 64-token blocks), I = 64
+    n_tiles columns, H = 64 k_steps, the launcher's plan for max_ctas `ctas` (over ctas // CLUSTER
+    clusters) and `units` clusters (default the launcher's, min(ctas // CLUSTER, items); the
+    kernel takes any fewer); raises Violation (or AssertionError) on a fault."""
+    assert variant in (FUSED, FUSED_CLUSTER)
     rng = random.Random(seed)
-    # kStages: 4 for v17 (fused_gu_kernel<2>), 6 for v18 (<1>); the protocol is the same
-    plan = make_plan(m_blocks * kTM, n_tiles * kTI, ctas)
-    grid = min(ctas, plan.items) if grid is None else grid
-    assert 1 <= grid <= min(ctas, plan.items)
-    STAGE, BOX = 1, 1  # bytes of a stage, of an epilogue box, in units
-    consumed = {}   # (item, nt, ks) -> (cta, consumer warpgroup)
-    epilogues = {}  # (item, nt) -> (cta, consumer warpgroup)
-    partials = {}   # (item, warpgroup) -> [(cta, the tiles nt its zd sums held)]
+    size = 2 if variant == FUSED_CLUSTER else 1  # CLUSTER
+    # the kernel's make_plan(T, I, plan_ctas / CLUSTER, kTM CLUSTER): blocks of 128 tokens
+    plan = make_plan(m_blocks * kTM, n_tiles * kTI, ctas // size)
+    units = min(ctas // size, plan.items) if units is None else units
+    assert 1 <= units <= min(ctas // size, plan.items)
+    consumed = {}   # (token block, nt, ks) -> [(cta, consumer warpgroup)]
+    epilogues = {}  # (token block, nt) -> (cta, consumer warpgroup)
+    partials = {}   # (item, rank, warpgroup) -> [(cta, the tiles nt its zd sums held)]
 
-    procs, copies_in_flight = [], []
+    procs, copies_in_flight, clusters = [], [], []
+    for unit in range(units):
+        cl = Cluster(unit, size, stages, fault, copies_in_flight, X_BYTES, ("x", "weight"),
+                     epilogue=True)
+        my_items = range(unit, plan.items, units)  # Walk: first, stride
 
-    def cta_procs(cta):
-        full = [Barrier(1) for _ in range(stages)]
-        empty = [Barrier(4) for _ in range(stages)]  # the 4 warps of the tile's owner
-        epi_full, epi_empty = Barrier(1), Barrier(4)
-        turn = [Barrier(4), Barrier(4)]
-        stage_tag = [None] * stages  # which fill (it) the stage holds
-        readers = [0] * stages       # unfinished MMA groups reading the stage
-        epi_tag = [None] * 3         # which tile (i) each of the epilogue buffer's boxes holds
-        epi_readers = [0]            # epilogues reading the buffer
-        my_items = list(range(cta, plan.items, grid))
-
-        def producer():  # produce(...)
+        def producer(rank, cl=cl, my_items=my_items):  # produce<HALVES, CLUSTER>
             it = i = 0
             for item in my_items:
                 _m_block, _chunk, nts = plan.item(item)
                 for _nt in nts:
                     for _ks in range(k_steps):
-                        s = it % stages
-                        parity = ((it // stages) & 1) ^ (0 if fault == "empty_parity" else 1)
-                        yield lambda s=s, parity=parity: empty[s].passes(parity)
-                        full[s].arrive(tx=STAGE)  # arrive.expect_tx
-
-                        def land(s=s, it=it):
-                            if readers[s]:
-                                raise Violation(f"cta {cta}: a copy lands in stage {s} while an "
-                                                "MMA reads it")
-                            stage_tag[s] = it
-                            full[s].complete_tx(STAGE)
-                        copies_in_flight.append(land)
+                        yield from cl.fill(rank, it)
                         it += 1
-                    yield lambda p=(i & 1) ^ 1: epi_empty.passes(p)
-                    epi_full.arrive(tx=3 * BOX)  # arrive.expect_tx kEpiBytes
-                    for box in range(3):  # Bgu K 0-63, Bgu K 64-127, Ad: each lands on its own
-
-                        def land_epi(box=box, i=i):
-                            if epi_readers[0]:
-                                raise Violation(f"cta {cta}: tile {i}'s epilogue copy lands in "
-                                                "the buffer while an epilogue reads it")
-                            epi_tag[box] = i
-                            epi_full.complete_tx(BOX)
-                        copies_in_flight.append(land_epi)
+                    yield from cl.fill_epilogue(rank, i)
                     i += 1
 
-        def consumer(own):  # fused_gu_kernel's consumer warpgroup 1 + own
-            groups = []  # stages read by each unfinished group, oldest first
-
-            def finish_groups(keep):  # wgmma.wait_group keep
-                while len(groups) > keep:
-                    readers[groups.pop(0)] -= 1
+        def consumer(rank, own, cl=cl, my_items=my_items):  # consumer warpgroup 1 + own
+            wg = Warpgroup(cl, rank, own, rng, consumed)
 
             def check_epi(i, nt):
-                if epi_tag != [i, i, i]:
-                    raise Violation(f"cta {cta} wg {own}: the epilogue of tile {i} (nt {nt}) reads "
-                                    f"the buffer holding tiles {epi_tag}")
+                if cl.epi_tag[rank] != [[i] * size] * 3:
+                    raise Violation(f"{wg.name}: the epilogue of tile {i} (nt {nt}) reads the "
+                                    f"buffer holding tiles (by box, half) {cl.epi_tag[rank]}")
 
-            i = turns = 0
+            i = 0
             for item in my_items:
-                _m_block, chunk, nts = plan.item(item)
+                m_block, _chunk, nts = plan.item(item)
+                block = m_block * size + rank  # Walk::m0 / tm
                 mine = []  # (zd sums zeroed) the tiles this warpgroup's zd sums hold
                 for nt in nts:
                     if (nt if fault == "own_by_column" else i) % 2 != own:
                         i += 1  # (the loop's ++i)
                         continue
-                    if i > 0 and fault != "no_turn":
-                        yield lambda p=turns & 1: turn[own].passes(p)
-                        turns += 1
-                    it = i * k_steps
-                    previous = None
-                    for ks in range(k_steps):
-                        s = it % stages
-                        yield lambda s=s, p=(it // stages) & 1: full[s].passes(p)
-                        if stage_tag[s] != it:
-                            raise Violation(f"cta {cta} wg {own}: K step {ks} of tile {i} reads "
-                                            f"stage {s} holding fill {stage_tag[s]}, not {it}")
-                        key = (item, nt, ks)
-                        if key in consumed:
-                            raise Violation(f"{key} consumed twice")
-                        consumed[key] = (cta, own)
-                        readers[s] += 1
-                        groups.append(s)  # commit
-                        if rng.random() < 0.5:
-                            finish_groups(rng.randint(1, len(groups)))  # groups may finish early
-                        if fault != "release_early":
-                            finish_groups(1)  # wgmma.wait_group 1
-                        yield None  # (a point where the other processes may run)
-                        if previous is not None:
-                            for _ in range(4):  # each warp's lane 0
-                                empty[previous].arrive()
-                                yield None
-                        previous = s
-                        it += 1
+                    yield from wg.wait_turn(i)
+                    previous = yield from wg.main_loop(i, k_steps, (block, nt))
                     if fault == "turn_before_epi":
-                        for _ in range(4):
-                            turn[1 - own].arrive()
-                            yield None
-                    yield lambda p=(i & 1) ^ (1 if fault == "epi_parity" else 0): epi_full.passes(p)
+                        yield from wg.hand_turn()
+                    parity = (i & 1) ^ (1 if fault == "epi_parity" else 0)
+                    yield lambda p=parity: cl.epi_full[rank].passes(p)
                     if fault != "turn_before_epi":
-                        for _ in range(4):  # the other's next tile may start
-                            turn[1 - own].arrive()
-                            yield None
-                    finish_groups(0)  # wgmma.wait_group 0
-                    for _ in range(4):
-                        empty[previous].arrive()
-                        yield None
-                    # The epilogue: two 64-row halves of deltas, SwiGLU, zd, their MMA groups
-                    # (reading the buffer) each waited for before the next; a span during which
-                    # the buffer must hold this tile's operands and no copy may land in it.
+                        yield from wg.hand_turn()
+                    wg.finish_groups(0)  # wgmma.wait_group 0
+                    yield from wg.release_stage(previous)
+                    # The epilogue: two 64-row halves (v17) or one of deltas, SwiGLU, zd, their MMA
+                    # groups (reading the buffer) each waited for before the next; a span during
+                    # which the CTA's buffer must hold this tile's operands (with CLUSTER 2 both
+                    # producers' halves) and no copy may land in it.
                     if fault == "epi_release_early":
-                        for _ in range(4):
-                            epi_empty.arrive()
-                            yield None
-                    epi_readers[0] += 1
+                        yield from wg.release_epilogue()
+                    cl.epi_readers[rank] += 1
                     for _step in range(4):
                         check_epi(i, nt)
                         yield None
                     check_epi(i, nt)
-                    epi_readers[0] -= 1
-                    if (item, nt) in epilogues:
-                        raise Violation(f"the epilogue of item {item} tile {nt} runs twice")
-                    epilogues[(item, nt)] = (cta, own)
+                    cl.epi_readers[rank] -= 1
+                    if (block, nt) in epilogues:
+                        raise Violation(f"the epilogue of block {block} tile {nt} runs twice")
+                    epilogues[(block, nt)] = (wg.cta, own)
                     mine.append(nt)
-                    if fault != "epi_release_early":
-                        for _ in range(4):  # its MMAs have completed (each waited for)
-                            epi_empty.arrive()
-                            yield None
+                    if fault != "epi_release_early":  # its MMAs have completed (each waited for)
+                        yield from wg.release_epilogue()
                     i += 1
-                # this warpgroup's partial of the item: zd_part[2 chunk + own] at the block's rows
-                partials.setdefault((item, own), []).append((cta, mine))
+                # this warpgroup's partial of the item: zd_part[2 chunk + own] at its block's rows
+                partials.setdefault((item, rank, own), []).append((wg.cta, mine))
                 yield None
 
-        return [producer(), consumer(0), consumer(1)]
-
-    for cta in range(grid):
-        procs += cta_procs(cta)
+        for rank in range(size):
+            procs.append(cl.until_sync(producer(rank), rank))
+            procs.append(cl.until_sync(consumer(rank, 0), rank))
+            procs.append(cl.until_sync(consumer(rank, 1), rank))
+        clusters.append(cl)
     # copies slow, middling or quick to land: slow ones expose stale reads (a wait passing on a
     # phase the copies have yet to complete), quick ones copies landing under a reader
     interleave(procs, copies_in_flight, rng, land=rng.choice((0.05, 0.3, 0.6)))
 
-    for cta in range(grid):
-        i = 0
-        for item in range(cta, plan.items, grid):
-            _m_block, _chunk, nts = plan.item(item)
+    for cl in clusters:
+        cl.check_exit()
+    for unit in range(units):
+        i = 0  # the cluster's count of its tiles (both CTAs')
+        for item in range(unit, plan.items, units):
+            m_block, _chunk, nts = plan.item(item)
             for nt in nts:
-                for ks in range(k_steps):
-                    got = consumed.get((item, nt, ks))
-                    if got != (cta, i % 2):
-                        raise Violation(f"item {item} tile {nt} K step {ks} consumed by (cta, wg) "
-                                        f"{got}, not {(cta, i % 2)}")
-                if epilogues.get((item, nt)) != (cta, i % 2):
-                    raise Violation(f"item {item} tile {nt}'s epilogue ran on (cta, wg) "
-                                    f"{epilogues.get((item, nt))}, not {(cta, i % 2)}")
-                i += 1
-            first = i - len(nts)  # the CTA's count at the item's first tile
-            for own in range(2):
-                want = [(cta, [nt for j, nt in enumerate(nts) if (first + j) % 2 == own])]
-                if partials.get((item, own)) != want:
-                    raise Violation(f"item {item} wg {own} wrote zd partials {partials.get((item, own))}, "
-                                    f"not {want}")
-    if len(partials) != 2 * plan.items:
-        raise Violation(f"{len(partials)} zd partials written, not {2 * plan.items}")
-
-
-# Variant 3's stage, in units of 8 KiB: A (128 rows) 2, each half of B (64 rows) 1.
-A_BYTES, HALF_BYTES = 2, 1
-
-
-def simulate_cluster(m_pairs, n_tiles, k_steps, ctas, seed, fault=None):
-    """One random interleaving of variant 3 (the .cu's variant 2, `wgmma_gemm_pingpong_kernel<2>`)
-    for M = 256 m_pairs, N = 128 n_tiles, K = 64 k_steps and the launcher's grid for `ctas`
-    (min(ctas, tiles) rounded down to whole clusters); raises Violation (or AssertionError) on
-    a fault."""
-    rng = random.Random(seed)
-    stages = 6  # kPpStages
-    pair_tiles = m_pairs * n_tiles
-    grid = min(ctas, 2 * pair_tiles) & ~1
-    assert grid >= 2
-    clusters = grid // 2
-    consumed = {}  # (row block, column block, ks) -> (cta, consumer warpgroup)
-
-    procs, copies_in_flight, clusters_state = [], [], []
-    for cluster in range(clusters):
-        # both CTAs' barriers and stages (index: rank), made before anything runs (the cluster
-        # sync after their init)
-        full = [[Barrier(1, signed_tx=True) for _ in range(stages)] for _ in range(2)]
-        empty = [[Barrier(4 if fault == "local_release_only" else 8) for _ in range(stages)]
-                 for _ in range(2)]  # kMcEmptyArrivals: the tile owner's 4 warps of both CTAs
-        turn = [[Barrier(4), Barrier(4)] for _ in range(2)]
-        a_tag = [[None] * stages for _ in range(2)]  # which fill (pt, ks) a stage's A holds
-        b_tag = [[[None, None] for _ in range(stages)] for _ in range(2)]  # its B halves' (by rank)
-        readers = [[0] * stages for _ in range(2)]   # unfinished MMA groups reading the stage
-        running = [3, 3]  # the CTA's processes not yet at the final cluster_sync
-
-        def gone(rank, running=running):
-            """The CTA has exited: all its processes and (the final cluster_sync) its peer's have
-            finished; without that sync, its own alone."""
-            return running[rank] == 0 and (fault == "no_final_sync" or running[rank ^ 1] == 0)
-
-        def reach(rank, what, cluster=cluster, gone=gone):  # what touches CTA rank's shared memory
-            if gone(rank):
-                raise Violation(f"cluster {cluster}: {what} reaches cta rank {rank} after it exited")
-
-        def until_sync(proc, rank, running=running):  # the process, then its cluster_sync arrival
-            yield from proc
-            running[rank] -= 1
-
-        def producer(rank, cluster=cluster, full=full, empty=empty, a_tag=a_tag, b_tag=b_tag,
-                     readers=readers, reach=reach):  # produce_multicast
-            it = 0
-            for pt in range(cluster, pair_tiles, clusters):
-                for ks in range(k_steps):
-                    s = it % stages
-                    parity = ((it // stages) & 1) ^ (0 if fault == "empty_parity" else 1)
-                    yield lambda s=s, parity=parity: empty[rank][s].passes(parity)  # mbar_wait_cluster
-                    expect = A_BYTES + (1 if fault == "half_expect" else 2) * HALF_BYTES
-                    full[rank][s].arrive(tx=expect)  # arrive.expect_tx kPpStageBytes
-
-                    def land(dest, half, s=s, fill=(pt, ks)):
-                        """The A copy (half None) into this CTA, or this rank's half of B landing
-                        in CTA dest (the multicast: one such landing per CTA, at its own time)."""
-                        reach(dest, f"rank {rank}'s copy of fill {fill}")
-                        if readers[dest][s]:
-                            raise Violation(f"cluster {cluster}: rank {rank}'s copy of fill {fill} "
-                                            f"lands in stage {s} of rank {dest} while an MMA reads it")
-                        if half is None:
-                            a_tag[dest][s] = fill
-                            full[dest][s].complete_tx(A_BYTES)
-                        else:
-                            b_tag[dest][s][half] = fill
-                            full[dest][s].complete_tx(HALF_BYTES)
-                    copies_in_flight.append(lambda land=land: land(rank, None))  # tma_load_2d
-                    for dest in range(2):  # tma_load_2d_multicast, mask 0x3
-                        copies_in_flight.append(lambda land=land, dest=dest: land(dest, rank))
-                    it += 1
-
-        def consumer(rank, own, cluster=cluster, full=full, empty=empty, turn=turn, a_tag=a_tag,
-                     b_tag=b_tag, readers=readers, reach=reach):
-            groups = []  # stages read by each unfinished group, oldest first
-
-            def finish_groups(keep):  # wgmma.wait_group keep
-                while len(groups) > keep:
-                    readers[rank][groups.pop(0)] -= 1
-
-            def release(s):  # each warp's lane 0: mbar_arrive_cluster on empty_here, empty_peer
-                for _ in range(4):
-                    empty[rank][s].arrive()
-                    yield None
-                    if fault != "local_release_only":
-                        reach(rank ^ 1, f"rank {rank} wg {own}'s release of stage {s}")
-                        empty[rank ^ 1][s].arrive()
-                        yield None
-
-            i, turns = own, 0
-            for pt in range(cluster + own * clusters, pair_tiles, 2 * clusters):
-                tile = (2 * (pt % m_pairs) + rank, pt // m_pairs)  # (row block, column block)
-                if i > 0 and fault != "no_turn":
-                    yield lambda p=turns & 1: turn[rank][own].passes(p)
-                    turns += 1
-                it, previous = i * k_steps, None
-                for ks in range(k_steps):
-                    s = it % stages
-                    yield lambda s=s, p=(it // stages) & 1: full[rank][s].passes(p)
-                    held = (a_tag[rank][s], *b_tag[rank][s])
-                    if held != ((pt, ks),) * 3:
-                        raise Violation(f"cluster {cluster} rank {rank} wg {own}: K step {ks} of "
-                                        f"pair tile {pt} reads stage {s} holding fills (A, B half "
-                                        f"0, B half 1) {held}, not {(pt, ks)}")
-                    key = (*tile, ks)
-                    if key in consumed:
-                        raise Violation(f"{key} consumed twice")
-                    consumed[key] = (2 * cluster + rank, own)
-                    readers[rank][s] += 1
-                    groups.append(s)  # commit
-                    if rng.random() < 0.5:
-                        finish_groups(rng.randint(1, len(groups)))  # groups may finish early
-                    if fault != "release_early":
-                        finish_groups(1)  # wgmma.wait_group 1
-                    yield None  # (a point where the other processes may run)
-                    if previous is not None:
-                        yield from release(previous)
-                    previous = s
-                    it += 1
-                for _ in range(4):  # the other's next tile may start (this CTA's turn barrier)
-                    turn[rank][1 - own].arrive()
-                    yield None
-                finish_groups(0)  # wgmma.wait_group 0
-                yield from release(previous)
-                # (the epilogue: registers only)
-                i += 2
-
-        for rank in range(2):
-            procs.append(until_sync(producer(rank), rank))
-            procs.append(until_sync(consumer(rank, 0), rank))
-            procs.append(until_sync(consumer(rank, 1), rank))
-        clusters_state.append((cluster, full, empty))
-
-    # copies slow, middling or quick to land, as variant 2's
-    interleave(procs, copies_in_flight, rng, land=rng.choice((0.05, 0.3, 0.6)))
-
-    for cluster, full, empty in clusters_state:  # at exit no barrier is partway through a phase
-        for rank in range(2):
-            for s in range(stages):
-                for name, bar in (("full", full[rank][s]), ("empty", empty[rank][s])):
-                    if bar.pending != bar.count or bar.tx != 0:
-                        raise Violation(f"cluster {cluster} rank {rank}: {name}[{s}] ends with "
-                                        f"{bar.pending} arrivals and {bar.tx} bytes pending")
-    for pt in range(pair_tiles):
-        cluster = pt % clusters
-        i = (pt - cluster) // clusters  # the cluster's i-th pair tile
-        for rank in range(2):
-            for ks in range(k_steps):
-                key = (2 * (pt % m_pairs) + rank, pt // m_pairs, ks)
-                if consumed.get(key) != (2 * cluster + rank, i % 2):
-                    raise Violation(f"tile {key[:2]} K step {ks} consumed by (cta, wg) "
-                                    f"{consumed.get(key)}, not {(2 * cluster + rank, i % 2)}")
-
-
-# Variant 4's bytes, in units of 8 KiB: a stage's x rows (64) 1 and each half of its weight tile
-# (64 of the 128 rows) 1 (HALF_BYTES); the epilogue buffer's boxes (16 KiB each) halves of 1.
-X_BYTES = 1
-
-
-def simulate_fused_cluster(m_pairs, n_tiles, k_steps, ctas, seed, fault=None, clusters=None):
-    """One random interleaving of variant 4 (v18c, `fused_gu_kernel<1, 2>`, the launcher's variant
-    2) for T = 128 m_pairs tokens (pairs of 64-token blocks), I = 64 n_tiles columns, H = 64
-    k_steps, the launcher's plan for max_ctas `ctas` (over ctas // 2 clusters) and `clusters`
-    clusters (default the launcher's, min(ctas // 2, items); the kernel takes any fewer); raises
-    Violation (or AssertionError) on a fault."""
-    rng = random.Random(seed)
-    stages = 6  # v18's kStages
-    units = ctas // 2  # the launcher's: clusters
-    plan = make_plan(m_pairs * 2 * 64, n_tiles * kTI, units, tm=2 * 64)  # m_blocks: block pairs
-    clusters = min(units, plan.items) if clusters is None else clusters
-    assert 1 <= clusters <= min(units, plan.items)
-    consumed = {}   # (64-token block, nt, ks) -> (cta, consumer warpgroup)
-    epilogues = {}  # (64-token block, nt) -> (cta, consumer warpgroup)
-    partials = {}   # (item, rank, warpgroup) -> [(cta, the tiles nt its zd sums held)]
-    local_stage = fault == "local_release_only"
-    local_epi = fault in ("local_release_only", "epi_local_release_only")
-
-    procs, copies_in_flight, clusters_state = [], [], []
-    for cluster in range(clusters):
-        # both CTAs' barriers and buffers (index: rank), made before anything runs (the
-        # cluster_sync after their init); "empty" and the buffer's: the tile owner's 4 warps of
-        # each CTA (4 * CLUSTER)
-        full = [[Barrier(1, signed_tx=True) for _ in range(stages)] for _ in range(2)]
-        empty = [[Barrier(4 if local_stage else 8) for _ in range(stages)] for _ in range(2)]
-        epi_full = [Barrier(1, signed_tx=True) for _ in range(2)]
-        epi_empty = [Barrier(4 if local_epi else 8) for _ in range(2)]
-        turn = [[Barrier(4), Barrier(4)] for _ in range(2)]
-        x_tag = [[None] * stages for _ in range(2)]  # which fill (it) a stage's x rows hold
-        w_tag = [[[None, None] for _ in range(stages)] for _ in range(2)]  # its weight halves'
-        readers = [[0] * stages for _ in range(2)]   # unfinished MMA groups reading the stage
-        epi_tag = [[[None, None] for _ in range(3)] for _ in range(2)]  # tile (i) of each box half
-        epi_readers = [[0] for _ in range(2)]        # epilogues reading the buffer
-        my_items = list(range(cluster, plan.items, clusters))  # Walk: first, stride (clusters)
-        running = [3, 3]  # the CTA's processes not yet at the final cluster_sync
-
-        def gone(rank, running=running):
-            """The CTA has exited: all its processes and (the final cluster_sync) its peer's have
-            finished; without that sync, its own alone."""
-            return running[rank] == 0 and (fault == "no_final_sync" or running[rank ^ 1] == 0)
-
-        def reach(rank, what, cluster=cluster, gone=gone):  # what touches CTA rank's shared memory
-            if gone(rank):
-                raise Violation(f"cluster {cluster}: {what} reaches cta rank {rank} after it exited")
-
-        def until_sync(proc, rank, running=running):  # the process, then its cluster_sync arrival
-            yield from proc
-            running[rank] -= 1
-
-        def producer(rank, cluster=cluster, full=full, empty=empty, epi_full=epi_full,
-                     epi_empty=epi_empty, x_tag=x_tag, w_tag=w_tag, readers=readers,
-                     epi_tag=epi_tag, epi_readers=epi_readers, my_items=my_items, reach=reach):
-            # produce<1, 2>
-            it = i = 0
-            for item in my_items:
-                _m_pair, _chunk, nts = plan.item(item)
-                for _nt in nts:
-                    for _ks in range(k_steps):
-                        s = it % stages
-                        parity = ((it // stages) & 1) ^ (0 if fault == "empty_parity" else 1)
-                        yield lambda s=s, parity=parity: empty[rank][s].passes(parity)  # mbar_wait_cluster
-                        expect = X_BYTES + (1 if fault == "half_expect" else 2) * HALF_BYTES
-                        full[rank][s].arrive(tx=expect)  # arrive.expect_tx kStageBytes
-
-                        def land(dest, half, s=s, it=it):
-                            """The x copy (half None) into this CTA, or this rank's half of the
-                            weight rows landing in CTA dest (the multicast: one landing a CTA)."""
-                            reach(dest, f"rank {rank}'s copy of fill {it}")
-                            if readers[dest][s]:
-                                raise Violation(f"cluster {cluster}: rank {rank}'s copy of fill {it} "
-                                                f"lands in stage {s} of rank {dest} while an MMA reads it")
-                            if half is None:
-                                x_tag[dest][s] = it
-                                full[dest][s].complete_tx(X_BYTES)
-                            else:
-                                w_tag[dest][s][half] = it
-                                full[dest][s].complete_tx(HALF_BYTES)
-                        copies_in_flight.append(lambda land=land: land(rank, None))  # tma_load_2d
-                        for dest in range(2):  # tma_load_2d_multicast, mask 0x3
-                            copies_in_flight.append(lambda land=land, dest=dest: land(dest, rank))
-                        it += 1
-                    yield lambda p=(i & 1) ^ 1: epi_empty[rank].passes(p)  # mbar_wait_cluster
-                    # arrive.expect_tx kEpiBytes: both producers' halves of the three boxes
-                    epi_full[rank].arrive(tx=(3 if fault == "half_expect" else 6) * HALF_BYTES)
-                    for box in range(3):  # Bgu K 0-63, Bgu K 64-127, Ad: this rank's half of each
-
-                        def land_epi(dest, box=box, i=i):
-                            reach(dest, f"rank {rank}'s epilogue copy of tile {i}")
-                            if epi_readers[dest][0]:
-                                raise Violation(f"cluster {cluster}: rank {rank}'s epilogue copy of "
-                                                f"tile {i} lands in the buffer of rank {dest} while "
-                                                "an epilogue reads it")
-                            epi_tag[dest][box][rank] = i
-                            epi_full[dest].complete_tx(HALF_BYTES)
-                        for dest in range(2):  # multicast: landing in each CTA on its own
-                            copies_in_flight.append(lambda land_epi=land_epi, dest=dest: land_epi(dest))
-                    i += 1
-
-        def consumer(rank, own, cluster=cluster, full=full, empty=empty, epi_full=epi_full,
-                     epi_empty=epi_empty, turn=turn, x_tag=x_tag, w_tag=w_tag, readers=readers,
-                     epi_tag=epi_tag, epi_readers=epi_readers, my_items=my_items, reach=reach):
-            cta = 2 * cluster + rank
-            groups = []  # stages read by each unfinished group, oldest first
-
-            def finish_groups(keep):  # wgmma.wait_group keep
-                while len(groups) > keep:
-                    readers[rank][groups.pop(0)] -= 1
-
-            def release(bars, what, local):  # release<2>: each warp's lane 0, here then the peer
-                for _ in range(4):
-                    bars[rank].arrive()
-                    yield None
-                    if not local:
-                        reach(rank ^ 1, f"rank {rank} wg {own}'s release of {what}")
-                        bars[rank ^ 1].arrive()
-                        yield None
-
-            def check_epi(i, nt):
-                if epi_tag[rank] != [[i, i]] * 3:
-                    raise Violation(f"cluster {cluster} rank {rank} wg {own}: the epilogue of tile "
-                                    f"{i} (nt {nt}) reads the buffer holding tiles (by box, half) "
-                                    f"{epi_tag[rank]}")
-
-            i = turns = 0
-            for item in my_items:
-                m_pair, _chunk, nts = plan.item(item)
-                block = 2 * m_pair + rank  # Walk::m0 / 64
-                mine = []  # (zd sums zeroed) the tiles this warpgroup's zd sums hold
-                for nt in nts:
-                    if (nt if fault == "own_by_column" else i) % 2 != own:
-                        i += 1  # (the loop's ++i)
-                        continue
-                    if i > 0 and fault != "no_turn":
-                        yield lambda p=turns & 1: turn[rank][own].passes(p)
-                        turns += 1
-                    it = i * k_steps
-                    previous = None
+                for rank in range(size):
+                    block, want = m_block * size + rank, (size * unit + rank, i % 2)
                     for ks in range(k_steps):
-                        s = it % stages
-                        yield lambda s=s, p=(it // stages) & 1: full[rank][s].passes(p)
-                        held = (x_tag[rank][s], *w_tag[rank][s])
-                        if held != (it,) * 3:
-                            raise Violation(f"cluster {cluster} rank {rank} wg {own}: K step {ks} of "
-                                            f"tile {i} reads stage {s} holding fills (x, weight half "
-                                            f"0, weight half 1) {held}, not {it}")
-                        key = (block, nt, ks)
-                        if key in consumed:
-                            raise Violation(f"{key} consumed twice")
-                        consumed[key] = (cta, own)
-                        readers[rank][s] += 1
-                        groups.append(s)  # commit
-                        if rng.random() < 0.5:
-                            finish_groups(rng.randint(1, len(groups)))  # groups may finish early
-                        if fault != "release_early":
-                            finish_groups(1)  # wgmma.wait_group 1
-                        yield None  # (a point where the other processes may run)
-                        if previous is not None:
-                            yield from release([e[previous] for e in empty], f"stage {previous}",
-                                               local_stage)
-                        previous = s
-                        it += 1
-                    if fault == "turn_before_epi":
-                        for _ in range(4):
-                            turn[rank][1 - own].arrive()
-                            yield None
-                    yield lambda p=(i & 1) ^ (1 if fault == "epi_parity" else 0): epi_full[rank].passes(p)
-                    if fault != "turn_before_epi":
-                        for _ in range(4):  # the other's next tile may start (this CTA's turn)
-                            turn[rank][1 - own].arrive()
-                            yield None
-                    finish_groups(0)  # wgmma.wait_group 0
-                    yield from release([e[previous] for e in empty], f"stage {previous}", local_stage)
-                    # the epilogue (epilogue_half_sep), as variant 2's: a span during which this
-                    # CTA's buffer must hold both producers' halves of this tile's operands
-                    if fault == "epi_release_early":
-                        yield from release(epi_empty, "the epilogue buffer", local_epi)
-                    epi_readers[rank][0] += 1
-                    for _step in range(4):
-                        check_epi(i, nt)
-                        yield None
-                    check_epi(i, nt)
-                    epi_readers[rank][0] -= 1
-                    if (block, nt) in epilogues:
-                        raise Violation(f"the epilogue of block {block} tile {nt} runs twice")
-                    epilogues[(block, nt)] = (cta, own)
-                    mine.append(nt)
-                    if fault != "epi_release_early":  # its MMAs have completed (each waited for)
-                        yield from release(epi_empty, "the epilogue buffer", local_epi)
-                    i += 1
-                # this warpgroup's partial of the item: zd_part[2 chunk + own] at its block's rows
-                partials.setdefault((item, rank, own), []).append((cta, mine))
-                yield None
-
-        for rank in range(2):
-            procs.append(until_sync(producer(rank), rank))
-            procs.append(until_sync(consumer(rank, 0), rank))
-            procs.append(until_sync(consumer(rank, 1), rank))
-        clusters_state.append((cluster, full, empty, epi_full, epi_empty))
-
-    # copies slow, middling or quick to land, as variant 2's
-    interleave(procs, copies_in_flight, rng, land=rng.choice((0.05, 0.3, 0.6)))
-
-    for cluster, full, empty, epi_full, epi_empty in clusters_state:  # none partway through a phase
-        for rank in range(2):
-            bars = [(f"full[{s}]", full[rank][s]) for s in range(stages)]
-            bars += [(f"empty[{s}]", empty[rank][s]) for s in range(stages)]
-            bars += [("epi_full", epi_full[rank]), ("epi_empty", epi_empty[rank])]
-            for name, bar in bars:
-                if bar.pending != bar.count or bar.tx != 0:
-                    raise Violation(f"cluster {cluster} rank {rank}: {name} ends with "
-                                    f"{bar.pending} arrivals and {bar.tx} bytes pending")
-    for cluster in range(clusters):
-        i = 0
-        for item in range(cluster, plan.items, clusters):
-            m_pair, _chunk, nts = plan.item(item)
-            for nt in nts:
-                for rank in range(2):
-                    block, want = 2 * m_pair + rank, (2 * cluster + rank, i % 2)
-                    for ks in range(k_steps):
-                        if consumed.get((block, nt, ks)) != want:
+                        if consumed.get((block, nt, ks)) != [want]:
                             raise Violation(f"block {block} tile {nt} K step {ks} consumed by (cta, "
-                                            f"wg) {consumed.get((block, nt, ks))}, not {want}")
+                                            f"wg) {consumed.get((block, nt, ks))}, not {[want]}")
                     if epilogues.get((block, nt)) != want:
                         raise Violation(f"block {block} tile {nt}'s epilogue ran on (cta, wg) "
                                         f"{epilogues.get((block, nt))}, not {want}")
                 i += 1
-            first = i - len(nts)  # the cluster's count at the item's first tile (both CTAs')
-            for rank in range(2):
+            first = i - len(nts)  # the count at the item's first tile
+            for rank in range(size):
                 for own in range(2):
-                    want = [(2 * cluster + rank, [nt for j, nt in enumerate(nts) if (first + j) % 2 == own])]
+                    want = [(size * unit + rank,
+                             [nt for j, nt in enumerate(nts) if (first + j) % 2 == own])]
                     if partials.get((item, rank, own)) != want:
                         raise Violation(f"item {item} rank {rank} wg {own} wrote zd partials "
                                         f"{partials.get((item, rank, own))}, not {want}")
-    if len(partials) != 4 * plan.items:
-        raise Violation(f"{len(partials)} zd partials written, not {4 * plan.items}")
+    if len(partials) != 2 * size * plan.items:
+        raise Violation(f"{len(partials)} zd partials written, not {2 * size * plan.items}")
+
+
+def launch_units(rng, shape, size):
+    """The fused kernel's launch for a drawn shape: the launcher's clusters (CTAs), or (a third of
+    the time) fewer, each taking more items."""
+    units = shape["ctas"] // size  # the launcher's, over clusters
+    launch = min(units, make_plan(shape["m_blocks"] * kTM, shape["n_tiles"] * kTI, units).items)
+    return launch if rng.random() < 2 / 3 else rng.randint(1, launch)
 
 
 def run(seeds, verbose=False, fault=None,
@@ -875,36 +605,29 @@ def run(seeds, verbose=False, fault=None,
     runs = 0
     for seed in range(seeds):
         rng = random.Random(1000 + seed)
-        shape = dict(m_tiles=rng.randint(1, 3), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
-                     grid=rng.randint(1, 4))
+        shape = dict(m_units=rng.randint(1, 3), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
+                     ctas=rng.randint(1, 4))
         # variant 2's shape, drawn after the others' (which stay as they were)
         fused = dict(m_blocks=rng.randint(1, 4), n_tiles=rng.randint(1, 6), k_steps=rng.randint(1, 6),
                      ctas=rng.randint(1, 8))
-        items = make_plan(fused["m_blocks"] * kTM, fused["n_tiles"] * kTI, fused["ctas"]).items
-        launch = min(fused["ctas"], items)
-        # the launcher's grid, or (a third of the time) fewer CTAs, each taking more items
-        fused["grid"] = launch if rng.random() < 2 / 3 else rng.randint(1, launch)
+        fused["units"] = launch_units(rng, fused, 1)
         # variant 3's, drawn after variant 2's (which stays as it was): ctas as the launcher's
         # max_ctas, the grid min(ctas, tiles) rounded down to whole clusters
-        cluster = dict(m_pairs=rng.randint(1, 2), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
+        cluster = dict(m_units=rng.randint(1, 2), n_tiles=rng.randint(1, 3), k_steps=rng.randint(1, 9),
                        ctas=rng.randint(2, 8))
         # variant 4's, drawn after variant 3's (which stays as it was): ctas as the launcher's
-        # max_ctas (ctas // 2 clusters), the launcher's clusters or (a third of the time) fewer
-        fused_cluster = dict(m_pairs=rng.randint(1, 3), n_tiles=rng.randint(1, 6),
+        # max_ctas (ctas // 2 clusters)
+        fused_cluster = dict(m_blocks=rng.randint(1, 3), n_tiles=rng.randint(1, 6),
                              k_steps=rng.randint(1, 8), ctas=rng.randint(2, 10))
-        items = make_plan(fused_cluster["m_pairs"] * 128, fused_cluster["n_tiles"] * kTI,
-                          fused_cluster["ctas"] // 2, tm=128).items
-        launch = min(fused_cluster["ctas"] // 2, items)
-        fused_cluster["clusters"] = launch if rng.random() < 2 / 3 else rng.randint(1, launch)
+        fused_cluster["units"] = launch_units(rng, fused_cluster, 2)
         for variant in variants:
             if variant == FUSED:  # v17's stage count on even seeds, v18's on odd ones
-                simulate_fused(seed=seed, fault=fault, stages=4 if seed % 2 == 0 else 6, **fused)
-            elif variant == CLUSTER:
-                simulate_cluster(seed=seed, fault=fault, **cluster)
+                simulate_fused(variant, seed=seed, fault=fault, stages=4 if seed % 2 == 0 else 6,
+                               **fused)
             elif variant == FUSED_CLUSTER:
-                simulate_fused_cluster(seed=seed, fault=fault, **fused_cluster)
+                simulate_fused(variant, seed=seed, fault=fault, **fused_cluster)
             else:
-                simulate(variant, seed=seed, fault=fault, **shape)
+                simulate(variant, seed=seed, fault=fault, **(cluster if variant == CLUSTER else shape))
             runs += 1
         if verbose and seed % 50 == 0:
             print(f"seed {seed}: {shape}, fused {fused}, cluster {cluster}, fused cluster "
