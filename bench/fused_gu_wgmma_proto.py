@@ -354,10 +354,12 @@ def check(so, variant, T, H, I, max_ctas):
 
 def dense_lora_split(so, variant, T, H, I):
     """When a check fails: the same shape with the LoRA zeroed (zg = zu = 0: the GEMM, the
-    interleave and the SwiGLU alone) and with only pair 0's experts' z (the masks and deltas)."""
-    p = Problem(T, H, I, DEV)
+    interleave and the SwiGLU alone; zd then checks the zd products on dense h), with only pair
+    0's z (its masks and deltas) and with only pair 1's (v17's Z_1 - Z_0, v18's second sums)."""
     for name, edit in (("no_lora", lambda q: (q.zg.zero_(), q.zu.zero_())),
-                       ("pair0_only", lambda q: (q.zg[:, 1].zero_(), q.zu[:, 1].zero_()))):
+                       ("pair0_only", lambda q: (q.zg[:, 1].zero_(), q.zu[:, 1].zero_())),
+                       ("pair1_only", lambda q: (q.zg[:, 0].zero_(), q.zu[:, 0].zero_()))):
+        p = Problem(T, H, I, DEV)
         edit(p)
         op = prepare(p)
         hbar, part = fused(so, op, variant=variant)

@@ -189,3 +189,12 @@ def test_v16_driver_on_the_cpu(monkeypatch, capsys):
     assert not v16.check(None, 1, *v16.CHECK_SHAPES[1])["ok"]
     v16.diagnose(None, 2)
     assert "512 of 65536 outputs read the wrong element" in capsys.readouterr().out
+
+
+def test_driver_dense_lora_split_on_the_cpu(monkeypatch, capsys):
+    """The failure triage (LoRA-free, pair 0 only, pair 1 only) runs and prints each split."""
+    monkeypatch.setattr(v17, "DEV", "cpu")
+    monkeypatch.setattr(v17, "fused", _fake_fused())
+    v17.dense_lora_split(_FakeLib, 1, 128, 64, 128)
+    out = capsys.readouterr().out
+    assert all(f"diagnose v18 {name}" in out for name in ("no_lora", "pair0_only", "pair1_only")), out
