@@ -52,14 +52,10 @@
 // operands, the halves multicast into both CTAs: v17's L2 reads a FLOP with v18's registers.
 // Shapes: T % 128 (v17, v18c) or 64 (v18) == 0, H % 64 == 0, I % 64 == 0, 16-byte aligned rows
 // (the launcher checks).
-#include "wgmma_common.cuh"
-
-#include "swiglu/swiglu_fast_math.cuh"  // activation_at: the library's SiLU
+#include "moe_epilogue.cuh"
 
 namespace {
 
-constexpr int kExperts = 8, kRank = 16, kER = kExperts * kRank;  // E R = 128
-constexpr int kPairs = 2;
 constexpr int kTN = 128;   // rows of Wgu a tile: 64 columns of G, then the same 64 of U
 constexpr int kTI = 64;    // columns of I a tile
 constexpr int kThreads = 384;  // the producer warpgroup and two consumer warpgroups
@@ -103,53 +99,6 @@ __host__ __device__ inline Plan make_plan(int T, int I, int ctas, int tm) {
 }
 
 #ifdef MIXLORA_PROTO_SM90A
-
-// d (64 x 64 of the warpgroup, fp32) = A (64 x 16, bf16 from registers: each warp's 16 rows as
-// the mma.m16n8k16 A fragment) @ B (64 x 16)^T + (scale_d ? d : 0).
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4],
-                                                   uint64_t desc_b, uint32_t scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
-      "}\n"
-      : MIXLORA_F8(0), MIXLORA_F8(8), MIXLORA_F8(16), MIXLORA_F8(24)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
-// d (64 x 32, fp32) = A (64 x 16, bf16 from registers) @ B (32 x 16)^T + (scale_d ? d : 0).
-__device__ __forceinline__ void wgmma_m64n32k16_rs(float (&d)[16], const uint32_t (&a)[4],
-                                                   uint64_t desc_b, uint32_t scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n"
-      "}\n"
-      : MIXLORA_F8(0), MIXLORA_F8(8)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
-__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ float2 unpack_bf16x2(uint32_t v) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-}
-
-__device__ __forceinline__ float silu_mul(float g, float u) {
-  return mixlora::cuda::activation_at<mixlora::kSilu, float>(mixlora::kSilu, g).a * u;
-}
 
 // The CTA's place in the work: its first item and the item stride (its cluster's, when the CTAs
 // go in pairs), and its token rows of an item.
@@ -225,27 +174,6 @@ __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensor
   }
 }
 
-// What the epilogue needs of the thread's two rows (r, r + 8) of a 64-row half.
-struct Rows {
-  int e[2][kPairs];    // [row][pair] experts
-  float w[2][kPairs];  // weights
-  int at[2];           // [row]: the row's first bf16 pair of zg / zu [T, 2, R] the thread reads
-};
-
-__device__ __forceinline__ void load_rows(Rows& rw, const int* __restrict__ ids,
-                                          const float* __restrict__ w, int row0, int q) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int t = row0 + 8 * r;
-#pragma unroll
-    for (int j = 0; j < kPairs; ++j) {
-      rw.e[r][j] = __ldg(ids + t * kPairs + j);
-      rw.w[r][j] = __ldg(w + t * kPairs + j);
-    }
-    rw.at[r] = t * kPairs * (kRank / 2) + q;
-  }
-}
-
 // The thread's A-fragment values of z [T, 2, R] for pairs 0 .. PAIR: [pair][row][ranks 2 q, 2 q
 // + 1 / 8 + 2 q, 9 + 2 q] as bf16 pairs.
 template <int PAIR>
@@ -302,46 +230,6 @@ __device__ __forceinline__ void add_deltas(float (&d)[64], const Rows& rw, uint3
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(d);
-  }
-}
-
-// zd (the thread's two rows' ranks 2 q, 2 q + 1, 8 + 2 q, 9 + 2 q of each row's expert, in
-// shared memory at zd[r * 8 rows * kZdRowWords]) += h @ Ad^T at the tile's 64 columns, h: 16 bf16
-// pairs, h[2 j + r] = row r, columns 8 j + 2 q, +1 (the A fragments of the product).
-__device__ __forceinline__ void add_zd(float* zd, const uint32_t (&h)[16], const int (&e)[2],
-                                       uint32_t ad) {
-  float sum[2][4];
-#pragma unroll
-  for (int gamma = 0; gamma < kExperts / 2; ++gamma) {  // experts 2 gamma, 2 gamma + 1
-    float t[16];
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < kTI / 16; ++s) {
-      const uint32_t a[4] = {h[4 * s], h[4 * s + 1], h[4 * s + 2], h[4 * s + 3]};
-      wgmma_m64n32k16_rs(t, a, sw128_desc(ad + 32 * gamma * kRowBytes) + 2 * s, s > 0 ? 1u : 0u);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(t);
-    // t's n8 block b: expert 2 gamma + b / 2, ranks 8 (b % 2) + 2 q, +1; t[4 b + 2 r + {0, 1}]
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const bool lo = e[r] == 2 * gamma, hi = e[r] == 2 * gamma + 1;
-#pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const int b = v / 2, c = v % 2;  // ranks block b (0: 2q.., 1: 8 + 2q..), element c
-        const float x = lo ? t[4 * b + 2 * r + c] : (hi ? t[4 * (b + 2) + 2 * r + c] : 0.f);
-        sum[r][v] = gamma == 0 ? x : sum[r][v] + x;
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float2* lo = reinterpret_cast<float2*>(zd + r * 8 * kZdRowWords);
-    float2* hi = reinterpret_cast<float2*>(zd + r * 8 * kZdRowWords + 8);
-    const float2 a = *lo, b = *hi;
-    *lo = make_float2(a.x + sum[r][0], a.y + sum[r][1]);
-    *hi = make_float2(b.x + sum[r][2], b.y + sum[r][3]);
   }
 }
 
@@ -412,7 +300,7 @@ __device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const R
       h[2 * j + r] = bf16x2(silu_mul(sum(g), sum(u)), silu_mul(sum(g + 1), sum(u + 1)));
     }
   }
-  add_zd(zd, h, e0, ad);
+  add_rank_sums<kTI / 16, kZdRowWords>(zd, h, e0, ad, 0);
   if constexpr (SEPARATE) {
     deltas_fresh<1>(dl, rw, epi, zg32, zu32);
   } else {
@@ -431,7 +319,7 @@ __device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const R
       h[2 * j + r] = bf16x2(a, b);
     }
   }
-  add_zd(zd + kRank, h, e1, ad);
+  add_rank_sums<kTI / 16, kZdRowWords>(zd + kRank, h, e1, ad, 0);
 }
 
 #endif  // sm_90a
