@@ -216,7 +216,7 @@ def ptxas_report(stderr):
     registers, C7512, C7515 for accumulators written between wgmma): under any of them the main
     loop loses its overlap and no timing measures the design."""
     def short(mangled):
-        names = re.findall(r"\d((?:wgmma_gemm|fused_gu)\w*?kernel)", mangled)
+        names = re.findall(r"\d((?:wgmma_gemm|fused_gu|fused_bwd)\w*?kernel)", mangled)
         tmpl = re.search(r"kernelI((?:Li\d+E)+)E", mangled)
         base = names[-1] if names else mangled
         if tmpl is None:
@@ -224,7 +224,7 @@ def ptxas_report(stderr):
         return base + "<" + ", ".join(re.findall(r"Li(\d+)E", tmpl.group(1))) + ">"
     report, current = {}, None
     for line in stderr.splitlines():
-        fn = re.search(r"(?:Compiling entry function|in the function) '([^']+)'", line)
+        fn = re.search(r"(?:Compiling entry function|(?:in|for) the function) '([^']+)'", line)
         if fn is None:
             m = re.search(r"(\d+) bytes spill stores", line)
             if m and current is not None:

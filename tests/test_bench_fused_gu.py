@@ -104,6 +104,10 @@ def test_ptxas_report_reads_each_kernel():
               f"function '{name}'\nptxas info    : Compiling entry function '{name}' for 'sm_90a'\n"
               f"    32 bytes stack frame, 32 bytes spill stores, 64 bytes spill loads\n")
     assert v17.ptxas_report(stderr) == {"fused_gu_kernel<1, 2>": dict(spill_store_bytes=32, serialized=["C7511"])}
+    # C7512 names the function with "for the function" (nvcc 13.0)
+    stderr = (f"ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are "
+              f"serialized due to insufficient register resources for the function '{name}'\n" + stderr)
+    assert v17.ptxas_report(stderr)["fused_gu_kernel<1, 2>"]["serialized"] == ["C7511", "C7512"]
 
 
 class _FakeLib:
