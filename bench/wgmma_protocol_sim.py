@@ -1,22 +1,24 @@
 """The barrier protocols of bench/wgmma_gemm_proto.cu (sim variants 0, 1 and 3: the .cu's variants
-0, 1 and 2) and bench/fused_gu_wgmma_proto.cu (sim variants 2 and 4: the launcher's variants 0 / 1
-and 2), simulated on the CPU under random interleavings: the producer thread, the consumer
-warpgroups (each warp's arrivals separate), the bulk copies (which land at any later time) and
-the wgmma groups (which finish at any time up to their wait), with mbarriers modelled as the PTX
-ISA defines them (a phase completes when its pending arrivals reach zero and its transaction bytes
-are all in; `try_wait.parity P` passes when the current, incomplete phase's parity differs from
-P). The loops below mirror the kernels' loops line for line, and as the kernels are templates on
-the cluster size CLUSTER (1 or 2), so is the sim: `simulate` mirrors `wgmma_gemm_kernel` (variant
-0) and `wgmma_gemm_pingpong_kernel<CLUSTER>` (variants 1 and 3), `simulate_fused` mirrors
-`fused_gu_kernel<HALVES, CLUSTER>` (variants 2 and 4). Both run over `Cluster`s: the CTAs of a
-cluster (index: rank; with CLUSTER 1 a CTA alone, rank 0), their barriers and shared memory, the
-producer's fill of a stage (`produce`, `produce_multicast`), the copies landing, the consumers'
-releases (`release<CLUSTER>`) and the CTAs' exit; and over `Warpgroup`s: a consumer warpgroup's
-main loop over a tile's K steps. CTAs are named by (cluster, rank) in the messages. Checked at
-every step: a consumer's MMAs read the stage holding the fill they mean (tile, K step), no copy
-lands in a stage an unfinished MMA group still reads, every tile's every K step is consumed once
-by the warpgroup that owns it (variant 0: by each of the two), nothing reaches a CTA after it
-exited, and nothing deadlocks; at the end, no barrier is partway through a phase.
+0, 1 and 2), bench/fused_gu_wgmma_proto.cu (sim variants 2 and 4: the launcher's variants 0 / 1 and
+2) and bench/fused_bwd_wgmma_proto.cu (sim variant 5), simulated on the CPU under random
+interleavings: the producer thread (variant 5: its two), the consumer warpgroups (each warp's
+arrivals separate), the bulk copies (which land at any later time) and the wgmma groups (which
+finish at any time up to their wait), with mbarriers modelled as the PTX ISA defines them (a phase
+completes when its pending arrivals reach zero and its transaction bytes are all in;
+`try_wait.parity P` passes when the current, incomplete phase's parity differs from P). The loops
+below mirror the kernels' loops line for line, and as the kernels are templates on the cluster size
+CLUSTER (1 or 2), so is the sim: `simulate` mirrors `wgmma_gemm_kernel` (variant 0) and
+`wgmma_gemm_pingpong_kernel<CLUSTER>` (variants 1 and 3), `simulate_fused` mirrors
+`fused_gu_kernel<HALVES, CLUSTER>` (variants 2 and 4), `simulate_bwd` mirrors `fused_bwd_kernel`
+(variant 5). All run over `Cluster`s: the CTAs of a cluster (index: rank; with CLUSTER 1 a CTA
+alone, rank 0), their barriers and shared memory, the producer's fill of a stage (`produce`,
+`produce_multicast`), the copies landing, the consumers' releases (`release<CLUSTER>`) and the CTAs'
+exit; and over `Warpgroup`s: a consumer warpgroup's main loop over a tile's K steps. CTAs are named
+by (cluster, rank) in the messages. Checked at every step: a consumer's MMAs read the stage holding
+the fill they mean (tile, K step), no copy lands in a stage an unfinished MMA group still reads,
+every tile's every K step is consumed once by the warpgroup that owns it (variant 0: by each of the
+two), nothing reaches a CTA after it exited, and nothing deadlocks; at the end, no barrier is
+partway through a phase.
 
 Variant 0 (COOPERATIVE, `wgmma_gemm_kernel`): 4 stages, each read by both consumer warpgroups (64
 rows of the tile each) and released by their 8 warps. Variant 1 (PINGPONG,
@@ -77,12 +79,38 @@ landing in a CTA's buffer while an epilogue there reads it. The fault local_rele
 both the stages' and the buffer's releases local (their counts 4), half_expect both expect_tx to
 the CTA's own bytes; epi_local_release_only keeps the buffer's release local only.
 
-    python3 bench/wgmma_protocol_sim.py [--seeds 200]       (tests/test_bench.py runs a few)
+Variant 5 (FUSED_BWD, v19: `fused_bwd_kernel`, CLUSTER 1): the ping-pong of variant 2 with 4
+stages, tiles of 64 tokens x 128 columns (make_plan(T, I, ctas): items of a 64-token block and a
+chunk of 128-column tiles; the CTA takes items blockIdx, blockIdx + grid, .., counts its tiles i
+across them, warpgroup i % 2 taking tile i) and two producer threads, running independently:
+warp 0's fills the stages (`produce_stages`: per K step the "empty" wait, expect_tx, the dout and
+wdt rows, landing as one as variant 2's), warp 1's the one epilogue buffer twice a tile, its
+64-column sub-blocks c = 0, 1 in turn (`produce_epilogue`: fill n waits for the buffer's one
+"empty" barrier with parity (n & 1) ^ 1, arrives with expect_tx of the buffer on sub-block c's
+own "full" barrier, epi_full0 + 8 c, and issues six boxes, each landing on its own). A consumer,
+per tile (`main_step` per K step, as variant 2's main loop), waits on epi_full0 (parity i & 1),
+only then hands the turn over, waits for its last MMA group and releases the last stage; then
+sub-block 0's epilogue (a span, as variant 2's, during which the buffer must hold this tile's
+sub-block 0, fully landed, and no copy may land in it), the buffer's release (4 warps), the wait
+on epi_full1 (parity i & 1), sub-block 1's epilogue, the release; at each item's end its dz / dw
+partials (2 chunk + own), checked as variant 2's zd partials; every tile's two sub-blocks' epilogues
+run once each, on its owner. Checked besides, as each wait on a sub-block's "full" barrier starts:
+the barrier is at the phase the wait means or just past it, never one short (its previous phase
+still open, on which a parity wait would pass as on its own). That is the design's point: the turn
+goes over after the epi_full0 wait, so the other warpgroup's epi_full0 wait finds this tile's phase
+at least started; its epi_full1 wait comes after its own sub-block 0, whose fill waited for this
+warpgroup's release of sub-block 1, after its epi_full1 wait. Its own faults (FAULTS):
+epi_empty_parity, bwd_one_full_barrier (one "full" barrier for both sub-blocks, two phases a tile:
+tile i's wait for its phase 2 i can start at phase 2 i - 1, tile i - 1's sub-block 0 landed and its
+sub-block 1 not, and passes on it) and bwd_sub0_release_early.
+
+    python3 bench/wgmma_protocol_sim.py [--seeds 200] [--variants 5] [--fault F]
+                                                           (tests/test_bench.py runs a few)
 """
 import argparse
 import random
 
-COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER = 0, 1, 2, 3, 4
+COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER, FUSED_BWD = 0, 1, 2, 3, 4, 5
 
 
 class Barrier:
@@ -131,19 +159,28 @@ class Violation(AssertionError):
 # barrier's expect_tx of the CTA's own copies only (A and its half of B), no cluster barrier
 # before exit (a CTA gone once its own processes are). Variant 4 takes all of them (a stage's and
 # the epilogue buffer's releases local only, either expect_tx of the CTA's own bytes only), and
-# the epilogue buffer's release alone kept local (epi_local_release_only).
+# the epilogue buffer's release alone kept local (epi_local_release_only). Variant 5 takes variant
+# 2's (empty_parity: the stage producer's; epi_parity: both sub-blocks' "full" waits;
+# epi_release_early: both sub-blocks' releases before their epilogue), and its own: the epilogue
+# producer's "empty" wait with the wrong parity (epi_empty_parity), both sub-blocks filled and
+# waited for on the one barrier epi_full0 with the parity of its phase count (2 i + c) & 1
+# (bwd_one_full_barrier), the buffer released halfway through sub-block 0's epilogue
+# (bwd_sub0_release_early).
 FAULTS = {
-    "no_turn": (PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER),
-    "release_early": (COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER),
-    "empty_parity": (COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER),
-    "turn_before_epi": (FUSED, FUSED_CLUSTER),
-    "epi_release_early": (FUSED, FUSED_CLUSTER),
-    "epi_parity": (FUSED, FUSED_CLUSTER),
-    "own_by_column": (FUSED, FUSED_CLUSTER),
+    "no_turn": (PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER, FUSED_BWD),
+    "release_early": (COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER, FUSED_BWD),
+    "empty_parity": (COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER, FUSED_BWD),
+    "turn_before_epi": (FUSED, FUSED_CLUSTER, FUSED_BWD),
+    "epi_release_early": (FUSED, FUSED_CLUSTER, FUSED_BWD),
+    "epi_parity": (FUSED, FUSED_CLUSTER, FUSED_BWD),
+    "own_by_column": (FUSED, FUSED_CLUSTER, FUSED_BWD),
     "local_release_only": (CLUSTER, FUSED_CLUSTER),
     "half_expect": (CLUSTER, FUSED_CLUSTER),
     "no_final_sync": (CLUSTER, FUSED_CLUSTER),
     "epi_local_release_only": (FUSED_CLUSTER,),
+    "epi_empty_parity": (FUSED_BWD,),
+    "bwd_one_full_barrier": (FUSED_BWD,),
+    "bwd_sub0_release_early": (FUSED_BWD,),
 }
 
 
@@ -185,10 +222,12 @@ class Cluster:
     all made before anything runs (the __syncthreads or cluster_sync after their init); the
     producer's fills, the copies landing, the consumers' releases and the CTAs' exit. own_bytes:
     a stage's own rows (A_BYTES or X_BYTES); rows: their name and the other rows' ("A", "B" or
-    "x", "weight"); warpgroups: the consumer warpgroups reading a stage (variant 0's 2)."""
+    "x", "weight"); warpgroups: the consumer warpgroups reading a stage (variant 0's 2); subs:
+    the epilogue buffer's "full" barriers (variant 5's 2, one a sub-block); boxes: its boxes'
+    bytes; producers: the CTA's producer threads (variant 5's 2)."""
 
     def __init__(self, index, size, stages, fault, copies_in_flight, own_bytes, rows, warpgroups=1,
-                 epilogue=False):
+                 epilogue=False, subs=1, boxes=(BOX_BYTES,) * 3, producers=1):
         self.index, self.size, self.stages, self.fault = index, size, stages, fault
         self.copies_in_flight, self.own_bytes, self.epilogue = copies_in_flight, own_bytes, epilogue
         ranks = range(size)
@@ -210,12 +249,18 @@ class Cluster:
         self.parts = (f"({own} and {other})" if size == 1
                       else f"({own}, {other} half 0, {other} half 1)")
         if epilogue:
-            self.epi_full = [Barrier(1, signed_tx=signed) for _ in ranks]
+            # its "full" barriers, one a sub-block (epi_full0 + 8 c: variant 5's 2, else 1), and
+            # its boxes' bytes (variants 2 and 4: 3 of BOX_BYTES; 5: BWD_BOXES)
+            self.epi_full = [[Barrier(1, signed_tx=signed) for _ in range(subs)] for _ in ranks]
             self.epi_empty = [Barrier(4 * (1 if self.local_epi else size)) for _ in ranks]
-            # which tile (i) each box's halves (index: the producer's rank) hold
-            self.epi_tag = [[[None] * size for _ in range(3)] for _ in ranks]
+            self.epi_boxes = boxes
+            # which tile (i; variant 5: (i, sub-block c)) each box's halves (index: the producer's
+            # rank) hold
+            self.epi_tag = [[[None] * size for _ in boxes] for _ in ranks]
             self.epi_readers = [0] * size  # epilogues reading the buffer
-        self.running = [3] * size  # the CTA's processes not yet at exit (its final cluster_sync)
+        # the CTA's processes (its producer threads and 2 consumer warpgroups) not yet at exit
+        # (its final cluster_sync)
+        self.running = [producers + 2] * size
 
     def gone(self, rank):
         """CTA rank has exited: all its processes and (CLUSTER 2: the final cluster_sync) its
@@ -267,12 +312,29 @@ class Cluster:
         Bgu K 64-127, Ad), with CLUSTER 2 its half of each multicast: each landing on its own."""
         yield lambda: self.epi_empty[rank].passes((i & 1) ^ 1)
         share = 1 if self.fault == "half_expect" else self.size
-        self.epi_full[rank].arrive(tx=3 * share * BOX_BYTES // self.size)
+        self.epi_full[rank][0].arrive(tx=3 * share * BOX_BYTES // self.size)
         for box in range(3):
             for dest in range(self.size):
                 self.copy_epilogue(rank, dest, box, i)
 
-    def copy_epilogue(self, rank, dest, box, i):  # rank's part of box, landing in CTA dest
+    def fill_epilogue_sub(self, rank, fill, i, c):
+        """Variant 5's epilogue producer (`produce_epilogue`, warp 1's thread), its fill `fill`:
+        sub-block c of the CTA's tile i. It waits for the buffer's one "empty" barrier (the
+        previous fill's epilogue done: parity (fill & 1) ^ 1), arrives with expect_tx of the whole
+        buffer (kEpiBytes) on sub-block c's "full" barrier (epi_full0 + 8 c) and issues the six
+        boxes (Bgu K 0-63, 64-127, adt K 0-63, 64-127, Bg^T, Bu^T), each landing on its own. The
+        faults: epi_empty_parity waits parity fill & 1; bwd_one_full_barrier fills both
+        sub-blocks on epi_full0."""
+        parity = (fill & 1) ^ (0 if self.fault == "epi_empty_parity" else 1)
+        yield lambda: self.epi_empty[rank].passes(parity)
+        full = 0 if self.fault == "bwd_one_full_barrier" else c
+        self.epi_full[rank][full].arrive(tx=sum(self.epi_boxes))  # mbar_expect_tx(full, kEpiBytes)
+        for box, nbytes in enumerate(self.epi_boxes):  # tma_load_2d, six times
+            self.copy_epilogue(rank, rank, box, (i, c), full, nbytes)
+
+    def copy_epilogue(self, rank, dest, box, i, full=0, nbytes=None):
+        """rank's part of box (of tile i; variant 5: (i, c)), landing in CTA dest and completing
+        its bytes (default BOX_BYTES // CLUSTER) on the buffer's "full" barrier `full`."""
 
         def land():
             self.reach(dest, f"rank {rank}'s epilogue copy of tile {i}")
@@ -280,7 +342,7 @@ class Cluster:
                 raise Violation(f"cluster {self.index}: rank {rank}'s epilogue copy of tile {i} "
                                 f"lands in the buffer of rank {dest} while an epilogue reads it")
             self.epi_tag[dest][box][rank] = i
-            self.epi_full[dest].complete_tx(BOX_BYTES // self.size)
+            self.epi_full[dest][full].complete_tx(BOX_BYTES // self.size if nbytes is None else nbytes)
         self.copies_in_flight.append(land)
 
     def release(self, rank, own, bars, what, local):
@@ -299,7 +361,9 @@ class Cluster:
             bars = [(f"full[{s}]", self.full[rank][s]) for s in range(self.stages)]
             bars += [(f"empty[{s}]", self.empty[rank][s]) for s in range(self.stages)]
             if self.epilogue:
-                bars += [("epi_full", self.epi_full[rank]), ("epi_empty", self.epi_empty[rank])]
+                bars += [(f"epi_full{c}" if len(self.epi_full[rank]) > 1 else "epi_full", bar)
+                         for c, bar in enumerate(self.epi_full[rank])]
+                bars += [("epi_empty", self.epi_empty[rank])]
             for name, bar in bars:
                 if bar.pending != bar.count or bar.tx != 0:
                     raise Violation(f"cluster {self.index} rank {rank}: {name} ends with "
@@ -446,11 +510,13 @@ kTM, kTI = 128, 64
 
 class Plan:
     """The kernel's make_plan(T, I, ctas, tm): items of (token block, column chunk), M fastest
-    (variant 4's: over clusters, of blocks of 2 x 64 tokens, a pair of 64-token blocks)."""
+    (variant 4's: over clusters, of blocks of 2 x 64 tokens, a pair of 64-token blocks; variant
+    5's, bench/fused_bwd_wgmma_proto.cu's make_plan(T, I, ctas): tiles of 64 tokens (tm) x 128
+    columns (tn))."""
 
-    def __init__(self, T, I, ctas, tm=kTM):
+    def __init__(self, T, I, ctas, tm=kTM, tn=kTI):
         self.m_blocks = T // tm
-        self.n_tiles = I // kTI
+        self.n_tiles = I // tn
         chunks = ctas // self.m_blocks
         chunks = 1 if chunks < 1 else (self.n_tiles if chunks > self.n_tiles else chunks)
         self.tiles_per_chunk = (self.n_tiles + chunks - 1) // chunks
@@ -464,8 +530,8 @@ class Plan:
         return m_block, chunk, range(chunk * self.tiles_per_chunk, nt1)
 
 
-def make_plan(T, I, ctas, tm=kTM):
-    return Plan(T, I, ctas, tm)
+def make_plan(T, I, ctas, tm=kTM, tn=kTI):
+    return Plan(T, I, ctas, tm, tn)
 
 
 def simulate_fused(variant, m_blocks, n_tiles, k_steps, ctas, seed, fault=None, units=None,
@@ -525,7 +591,7 @@ def simulate_fused(variant, m_blocks, n_tiles, k_steps, ctas, seed, fault=None, 
                     if fault == "turn_before_epi":
                         yield from wg.hand_turn()
                     parity = (i & 1) ^ (1 if fault == "epi_parity" else 0)
-                    yield lambda p=parity: cl.epi_full[rank].passes(p)
+                    yield lambda p=parity: cl.epi_full[rank][0].passes(p)
                     if fault != "turn_before_epi":
                         yield from wg.hand_turn()
                     wg.finish_groups(0)  # wgmma.wait_group 0
@@ -591,16 +657,167 @@ def simulate_fused(variant, m_blocks, n_tiles, k_steps, ctas, seed, fault=None, 
         raise Violation(f"{len(partials)} zd partials written, not {2 * size * plan.items}")
 
 
-def launch_units(rng, shape, size):
+# v19's (variant 5's) tiles: 64 tokens (kTM) x 128 columns of I (kTN), two 64-column sub-blocks
+# (kSub) each filling the epilogue buffer once; its 4 stages; the buffer's six boxes, in units of
+# 8 KiB: Bgu K 0-63 and 64-127 (128 rows each), adt K 0-63 and 64-127 (64 rows), Bg^T and Bu^T
+# (E R = 128 rows): kEpiBytes, 80 KiB
+BWD_TM, BWD_TN, BWD_SUBS, BWD_STAGES = 64, 128, 2, 4
+BWD_BOXES = (2, 2, 1, 1, 2, 2)
+
+
+def simulate_bwd(m_blocks, n_tiles, k_steps, ctas, seed, fault=None, units=None):
+    """One random interleaving of variant 5 (`fused_bwd_kernel`, bench/fused_bwd_wgmma_proto.cu)
+    for T = 64 m_blocks tokens, I = 128 n_tiles columns, H = 64 k_steps, the launcher's plan for
+    max_ctas `ctas` (make_plan(T, I, ctas)) and `units` CTAs (default the launcher's grid, min(ctas,
+    items); the kernel takes any fewer); raises Violation (or AssertionError) on a fault."""
+    rng = random.Random(seed)
+    plan = make_plan(m_blocks * BWD_TM, n_tiles * BWD_TN, ctas, BWD_TM, BWD_TN)
+    units = min(ctas, plan.items) if units is None else units
+    assert 1 <= units <= min(ctas, plan.items)
+    one_full = fault == "bwd_one_full_barrier"
+    consumed = {}   # (token block, nt, ks) -> [(cta, consumer warpgroup)]
+    epilogues = {}  # (token block, nt, sub-block c) -> (cta, consumer warpgroup)
+    partials = {}   # (item, 0, warpgroup) -> [(cta, the tiles nt its dz / dw sums held)]
+
+    procs, copies_in_flight, ctas_ = [], [], []
+    for unit in range(units):  # blockIdx.x
+        cl = Cluster(unit, 1, BWD_STAGES, fault, copies_in_flight, X_BYTES, ("dout", "wdt"),
+                     epilogue=True, subs=BWD_SUBS, boxes=BWD_BOXES, producers=2)
+        my_items = range(unit, plan.items, units)  # item = blockIdx.x, += gridDim.x
+
+        def produce_stages(cl=cl, my_items=my_items):  # producer warp 0's thread
+            it = 0
+            for item in my_items:
+                _m_block, _chunk, nts = plan.item(item)
+                for _nt in nts:
+                    for _ks in range(k_steps):
+                        yield from cl.fill(0, it)  # wait empty, expect_tx, dout and wdt rows
+                        it += 1
+
+        def produce_epilogue(cl=cl, my_items=my_items):  # producer warp 1's thread
+            fill = i = 0  # i: the CTA's tile (the tag of the fill's boxes)
+            for item in my_items:
+                _m_block, _chunk, nts = plan.item(item)
+                for _nt in nts:
+                    for c in range(BWD_SUBS):
+                        yield from cl.fill_epilogue_sub(0, fill, i, c)
+                        fill += 1
+                    i += 1
+
+        def consumer(own, cl=cl, my_items=my_items):  # consumer warpgroup 1 + own
+            wg = Warpgroup(cl, 0, own, rng, consumed)
+
+            def check_epi(i, c, nt):
+                if cl.epi_tag[0] != [[(i, c)]] * len(BWD_BOXES):
+                    raise Violation(f"{wg.name}: the epilogue of tile {i} (nt {nt}) sub-block {c} "
+                                    f"reads the buffer holding (tile, sub-block) by box "
+                                    f"{[t for t, in cl.epi_tag[0]]}")
+
+            def wait_epi_full(i, c, parity):
+                """mbar_wait(epi_full0 + 8 c, parity) for the barrier's phase n, the fill meant:
+                the design point, checked as the wait starts, is that the barrier's previous phase
+                (n - 1) is not still open (a parity wait passes on it as on its own)."""
+                bar = cl.epi_full[0][0 if one_full else c]
+                n = BWD_SUBS * i + c if one_full else i  # (bwd_one_full_barrier: 2 phases a tile)
+                if bar.phase not in (n, n + 1):
+                    raise Violation(f"{wg.name}: tile {i} waits on sub-block {c}'s full barrier for "
+                                    f"its phase {n} while it is at phase {bar.phase}")
+                yield lambda: bar.passes(parity)
+
+            i = 0
+            for item in my_items:
+                m_block, _chunk, nts = plan.item(item)
+                mine = []  # (dz sums zeroed, dw = 0) the tiles this warpgroup's sums hold
+                for nt in nts:
+                    if (nt if fault == "own_by_column" else i) % 2 != own:
+                        i += 1  # (the loop's ++i)
+                        continue
+                    yield from wg.wait_turn(i)
+                    # main_step<true>, then main_step<false> k_steps - 1 times
+                    previous = yield from wg.main_loop(i, k_steps, (m_block, nt))
+                    parity = (i & 1) ^ (1 if fault == "epi_parity" else 0)  # a phase a tile
+                    if fault == "turn_before_epi":
+                        yield from wg.hand_turn()
+                    yield from wait_epi_full(i, 0, (2 * i) & 1 if one_full else parity)
+                    if fault != "turn_before_epi":
+                        yield from wg.hand_turn()
+                    wg.finish_groups(0)  # wgmma_wait<0>
+                    yield from wg.release_stage(previous)
+                    # (store_accumulators: dhbar out to global memory, no barrier)
+                    for c in range(BWD_SUBS):
+                        if c > 0:
+                            yield from wait_epi_full(i, c, (2 * i + c) & 1 if one_full else parity)
+                        # epilogue_quarter twice: their MMA groups (reading the buffer) each
+                        # waited for before the next; a span during which the buffer must hold
+                        # sub-block c of this tile, fully landed, and no copy may land in it
+                        if fault == "epi_release_early":
+                            yield from wg.release_epilogue()
+                        cl.epi_readers[0] += 1
+                        for step in range(4):
+                            check_epi(i, c, nt)
+                            if fault == "bwd_sub0_release_early" and c == 0 and step == 2:
+                                yield from wg.release_epilogue()  # mid-span
+                            yield None
+                        check_epi(i, c, nt)
+                        cl.epi_readers[0] -= 1
+                        if (m_block, nt, c) in epilogues:
+                            raise Violation(f"the epilogue of block {m_block} tile {nt} sub-block "
+                                            f"{c} runs twice")
+                        epilogues[(m_block, nt, c)] = (wg.cta, own)
+                        if fault != "epi_release_early" and not (fault == "bwd_sub0_release_early"
+                                                                 and c == 0):
+                            yield from wg.release_epilogue()  # its MMAs have completed
+                    mine.append(nt)
+                    i += 1
+                # this warpgroup's partials of the item: dz_part / dw_part [2 chunk + own]
+                partials.setdefault((item, 0, own), []).append((wg.cta, mine))
+                yield None
+
+        procs.append(cl.until_sync(produce_stages(), 0))
+        procs.append(cl.until_sync(produce_epilogue(), 0))
+        procs.append(cl.until_sync(consumer(0), 0))
+        procs.append(cl.until_sync(consumer(1), 0))
+        ctas_.append(cl)
+    # copies slow, middling or quick to land (as variant 2's)
+    interleave(procs, copies_in_flight, rng, land=rng.choice((0.05, 0.3, 0.6)))
+
+    for cl in ctas_:
+        cl.check_exit()
+    for unit in range(units):
+        i = 0  # the CTA's count of its tiles
+        for item in range(unit, plan.items, units):
+            m_block, _chunk, nts = plan.item(item)
+            for nt in nts:
+                want = (unit, i % 2)
+                for ks in range(k_steps):
+                    if consumed.get((m_block, nt, ks)) != [want]:
+                        raise Violation(f"block {m_block} tile {nt} K step {ks} consumed by (cta, "
+                                        f"wg) {consumed.get((m_block, nt, ks))}, not {[want]}")
+                for c in range(BWD_SUBS):
+                    if epilogues.get((m_block, nt, c)) != want:
+                        raise Violation(f"block {m_block} tile {nt} sub-block {c}'s epilogue ran on "
+                                        f"(cta, wg) {epilogues.get((m_block, nt, c))}, not {want}")
+                i += 1
+            first = i - len(nts)  # the count at the item's first tile
+            for own in range(2):
+                want = [(unit, [nt for j, nt in enumerate(nts) if (first + j) % 2 == own])]
+                if partials.get((item, 0, own)) != want:
+                    raise Violation(f"item {item} wg {own} wrote dz / dw partials "
+                                    f"{partials.get((item, 0, own))}, not {want}")
+    if len(partials) != 2 * plan.items:
+        raise Violation(f"{len(partials)} dz / dw partials written, not {2 * plan.items}")
+
+
+def launch_units(rng, shape, size, tm=kTM, tn=kTI):
     """The fused kernel's launch for a drawn shape: the launcher's clusters (CTAs), or (a third of
     the time) fewer, each taking more items."""
     units = shape["ctas"] // size  # the launcher's, over clusters
-    launch = min(units, make_plan(shape["m_blocks"] * kTM, shape["n_tiles"] * kTI, units).items)
+    launch = min(units, make_plan(shape["m_blocks"] * tm, shape["n_tiles"] * tn, units, tm, tn).items)
     return launch if rng.random() < 2 / 3 else rng.randint(1, launch)
 
 
 def run(seeds, verbose=False, fault=None,
-        variants=(COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER)):
+        variants=(COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER, FUSED_BWD)):
     """Random shapes and interleavings; returns the number of runs (raises at the first fault)."""
     runs = 0
     for seed in range(seeds):
@@ -620,26 +837,39 @@ def run(seeds, verbose=False, fault=None,
         fused_cluster = dict(m_blocks=rng.randint(1, 3), n_tiles=rng.randint(1, 6),
                              k_steps=rng.randint(1, 8), ctas=rng.randint(2, 10))
         fused_cluster["units"] = launch_units(rng, fused_cluster, 2)
+        # variant 5's, drawn after variant 4's (which stays as it was): blocks of 64 tokens, tiles
+        # of 128 columns, up to 3 times the 4 stages' K steps
+        bwd = dict(m_blocks=rng.randint(1, 4), n_tiles=rng.randint(1, 4), k_steps=rng.randint(1, 12),
+                   ctas=rng.randint(1, 8))
+        bwd["units"] = launch_units(rng, bwd, 1, BWD_TM, BWD_TN)
         for variant in variants:
             if variant == FUSED:  # v17's stage count on even seeds, v18's on odd ones
                 simulate_fused(variant, seed=seed, fault=fault, stages=4 if seed % 2 == 0 else 6,
                                **fused)
             elif variant == FUSED_CLUSTER:
                 simulate_fused(variant, seed=seed, fault=fault, **fused_cluster)
+            elif variant == FUSED_BWD:
+                simulate_bwd(seed=seed, fault=fault, **bwd)
             else:
                 simulate(variant, seed=seed, fault=fault, **(cluster if variant == CLUSTER else shape))
             runs += 1
         if verbose and seed % 50 == 0:
             print(f"seed {seed}: {shape}, fused {fused}, cluster {cluster}, fused cluster "
-                  f"{fused_cluster} ok", flush=True)
+                  f"{fused_cluster}, bwd {bwd} ok", flush=True)
     return runs
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=200)
+    parser.add_argument("--variants", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        default=(COOPERATIVE, PINGPONG, FUSED, CLUSTER, FUSED_CLUSTER, FUSED_BWD),
+                        help="comma-separated, e.g. 5 (default: all)")
+    parser.add_argument("--fault", choices=sorted(FAULTS), default=None,
+                        help="plant a fault (the run stops at its first violation)")
     a = parser.parse_args()
-    print(f"{run(a.seeds, verbose=True)} random runs, no violation")
+    print(f"{run(a.seeds, verbose=True, fault=a.fault, variants=a.variants)} random runs, "
+          f"no violation")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The bench scripts, on the CPU: bench/timing.py's interleaved_medians (warm-up and
 alternation); one row of bench/run.py's bench_shape (every time present, the ratios those times
-give); the barrier protocols of bench/wgmma_gemm_proto.cu and bench/fused_gu_wgmma_proto.cu under
-random interleavings (bench/wgmma_protocol_sim.py), and that simulation catching faults planted in
-it."""
+give); the barrier protocols of bench/wgmma_gemm_proto.cu, bench/fused_gu_wgmma_proto.cu and
+bench/fused_bwd_wgmma_proto.cu under random interleavings (bench/wgmma_protocol_sim.py), and that
+simulation catching faults planted in it."""
 import os
 import sys
 
@@ -43,8 +43,8 @@ def test_bench_shape_row_on_cpu():
 
 
 def test_wgmma_protocol_holds_under_random_interleavings():
-    """The five variants' protocols: 100 random shapes and interleavings each."""
-    assert sim.run(100) == 500
+    """The six variants' protocols: 100 random shapes and interleavings each."""
+    assert sim.run(100) == 600
 
 
 def test_barrier_signed_tx():
@@ -93,6 +93,46 @@ def test_fused_plan_mirrors_the_kernel():
     assert (p.n_chunks, p.tiles_per_chunk, p.items) == (1, 2, 3)
 
 
+def test_fused_bwd_plan_mirrors_the_kernel():
+    """v19's make_plan (variant 5: tiles of 64 tokens x 128 columns) at two of
+    tests/test_bench_fused_bwd.py's listed shapes over 132 CTAs, and over 4."""
+    for T, I, want in ((4096, 11008, (64, 86, 2, 43, 128)), (1024, 1280, (16, 10, 5, 2, 80))):
+        p = sim.make_plan(T, I, 132, tm=sim.BWD_TM, tn=sim.BWD_TN)
+        assert (p.m_blocks, p.n_tiles, p.n_chunks, p.tiles_per_chunk, p.items) == want
+    p = sim.make_plan(128, 640, 4, tm=sim.BWD_TM, tn=sim.BWD_TN)
+    assert (p.n_chunks, p.tiles_per_chunk, p.items) == (2, 3, 4)
+    assert [list(p.item(j)[2]) for j in range(p.items)] == [[0, 1, 2], [0, 1, 2], [3, 4], [3, 4]]
+
+
+class _WatchedFull0(sim.Barrier):
+    """Variant 5's epi_full0, noting each wait on it that blocks while an epilogue (the other
+    warpgroup's) reads the buffer."""
+    blocked = []
+
+    def passes(self, parity):
+        ok = super().passes(parity)
+        if not ok and self.cl.epi_readers[0]:
+            self.blocked.append(self.phase)
+        return ok
+
+
+def test_fused_bwd_sim_waits_on_sub_block_0_under_the_other_epilogue(monkeypatch):
+    """Variant 5's runs take the case its design is about: a warpgroup waiting for its tile's first
+    sub-block while the other's epilogue of the previous tile reads the buffer (where one "full"
+    barrier for both sub-blocks would pass on the previous tile's phase)."""
+    init = sim.Cluster.__init__
+
+    def watching(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if kwargs.get("subs", 1) == 2:
+            self.epi_full[0][0].__class__ = _WatchedFull0
+            self.epi_full[0][0].cl = self
+    monkeypatch.setattr(sim.Cluster, "__init__", watching)
+    monkeypatch.setattr(_WatchedFull0, "blocked", [])
+    sim.run(50, variants=(sim.FUSED_BWD,))
+    assert len(_WatchedFull0.blocked) > 0
+
+
 def test_fused_cluster_plan_mirrors_the_launcher():
     """v18c's plan (variant 4): over max_ctas // 2 clusters and pairs of 64-token blocks
     (make_plan(T, I, units, 64 * 2)); 132 SMs over T = 256, I = 320: 66 clusters, 2 block pairs,
@@ -111,7 +151,11 @@ def test_fused_cluster_plan_mirrors_the_launcher():
 # own copies only), the peer's release arriving on a CTA gone (no cluster barrier before exit);
 # variant 4's (keyed (fault, variant) where they differ): the same, or in the epilogue buffer (the
 # peer's epilogue copy landing under an epilogue, an epilogue reading the buffer with another
-# tile's halves or short of one), and the last release of the buffer reaching a CTA gone
+# tile's halves or short of one), and the last release of the buffer reaching a CTA gone; variant
+# 5's: a wait on a sub-block's "full" barrier starting while the barrier's previous phase is still
+# open (the turn handed over before the epi_full0 wait, one barrier for both sub-blocks), a copy
+# landing in the buffer under sub-block 0's epilogue (released halfway through), a deadlock (the
+# epilogue producer's first "empty" wait with the wrong parity)
 CAUGHT_AS = {"turn_before_epi": "epilogue of tile .* reads the buffer holding",
              "epi_release_early": "the buffer",
              "local_release_only": "lands in stage .* of rank .* while an MMA reads it|holding fills",
@@ -121,7 +165,13 @@ CAUGHT_AS = {"turn_before_epi": "epilogue of tile .* reads the buffer holding",
                  "lands in (stage .*|the buffer) of rank .* while an (MMA|epilogue) reads it|holding",
              ("no_final_sync", sim.FUSED_CLUSTER):
                  "release of (stage .*|the epilogue buffer) reaches cta rank .* after it exited",
-             "epi_local_release_only": "the buffer"}
+             "epi_local_release_only": "the buffer",
+             ("turn_before_epi", sim.FUSED_BWD): "waits on sub-block 0's full barrier for its phase "
+                                                 ".* while it is at phase",
+             "bwd_one_full_barrier": "waits on sub-block 0's full barrier for its phase .* while it "
+                                     "is at phase",
+             "bwd_sub0_release_early": "lands in the buffer of rank 0 while an epilogue reads it",
+             "epi_empty_parity": "deadlock"}
 
 
 @pytest.mark.parametrize("fault,variant", [(f, v) for f, vs in sim.FAULTS.items() for v in vs])
