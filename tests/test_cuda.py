@@ -211,6 +211,20 @@ def test_lora_shrink_dense_with_dropout(offset):
     assert_accurate("lora_shrink", (x, A, ids, p, seed, stream))
 
 
+@pytest.mark.parametrize("with_coef", [False, True], ids=["no_coef", "coef"])
+@pytest.mark.parametrize("T,E,k,R", [(300, 8, 2, 32), (1000, 16, 4, 64)])
+def test_lora_weight_grad_dense(T, E, k, R, with_coef):
+    """bf16 lora_weight_grad without dropout and >= 256 tokens takes the GEMM over the split
+    hi + lo of (coef *) z (lora_cuda.cpp), with a coef as the down LoRA's dB takes it (the op's
+    variants pair a coef with dropout, which keeps the kernel), and bitwise the same twice."""
+    z, x, order, offsets, _, _, seed, stream = make_args("lora_weight_grad", (T, E, k, R, 1032),
+                                                         torch.bfloat16, 0)
+    coef = randn(T, k, dtype=torch.float32) if with_coef else None
+    args = (z, x, order, offsets, coef, 0.0, seed, stream)
+    assert_accurate("lora_weight_grad", args)
+    assert torch.equal(run_op("lora_weight_grad", args)[0], run_op("lora_weight_grad", args)[0])
+
+
 # --- routing extremes ----------------------------------------------------------------------
 def skewed_ids(T, E, k):
     """Every token on the same k experts (k + 1 .. E - 1 and 0 empty)."""

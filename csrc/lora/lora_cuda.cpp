@@ -15,11 +15,11 @@ namespace mixlora {
 namespace {
 
 
-// Whether lora_shrink / lora_expand take their dense GEMM forms (LoraShrinkGatherParams,
-// LoraExpandSplitParams): bfloat16, no dropout (a mask per pair and column: the shrink has a
-// masked-rows form for it, dense_masked_shrink; the expand does not), enough
-// tokens for the GEMM to beat the CUDA-core kernels (they are one launch; these two or three),
-// and E * R small enough that the E/k times larger product stays cheap.
+// Whether lora_shrink / lora_expand / lora_weight_grad take their dense GEMM forms
+// (LoraShrinkGatherParams, LoraExpandSplitParams): bfloat16, no dropout (a mask per pair and
+// column: the shrink has a masked-rows form for it, dense_masked_shrink; the others do not),
+// enough tokens for the GEMM to beat the CUDA-core kernels (they are one launch; these two to
+// four), and E * R small enough that the E/k times larger product stays cheap.
 constexpr int64_t kDenseMinTokens = 256;
 constexpr int64_t kDenseMaxCols = 1024;  // E * R
 
@@ -129,6 +129,30 @@ at::Tensor lora_weight_grad_cuda(const at::Tensor& z_in, const at::Tensor& x_in,
   const int64_t T = x.size(0), D = x.size(1), k = z.size(1), R = z.size(2);
   const int64_t E = offsets.size(0) - 1;
   auto out = at::empty({E, R, D}, z.options());  // every element written (0 for empty experts)
+#if MIXLORA_HAS_MM_OUT_DTYPE
+  if (dense_lora(x.scalar_type(), T, E * R, dropout_p)) {  // one GEMM on tensor cores
+    // The slots' experts from order, their (coef *) z split into bf16 hi + lo at their experts'
+    // columns as the expand's dense form does (zm [T, 2 E R]), then [hi; lo] = zm^T @ x
+    // ([2 E R, D], fp32 out) and out = hi + lo: E/k times the useful work, against 0.129 ms
+    // for the layer step's two lora_weight_grad_kernel calls at T = 4096, H = 4096, E = 8,
+    // r = 16 on the H100 (bench/NOTES.md v5e, v15).
+    const auto stream_now = c10::cuda::getCurrentCUDAStream();
+    auto ids = at::empty({T, k}, order.options());
+    const cuda::LoraPairIdsParams ip{order.const_data_ptr<int32_t>(),
+                                     offsets.const_data_ptr<int64_t>(), ids.data_ptr<int32_t>(),
+                                     T * k, E};
+    C10_CUDA_CHECK(cuda::launch_lora_pair_ids(ip, stream_now));
+    auto zm = at::empty({T, 2 * E * R}, x.options());
+    const cuda::LoraExpandSplitParams sp{z.const_data_ptr<float>(), ids.const_data_ptr<int32_t>(),
+                                         coef.defined() ? coef.const_data_ptr<float>() : nullptr,
+                                         zm.data_ptr(), T, k, E, R};
+    C10_CUDA_CHECK(cuda::launch_lora_expand_split(sp, stream_now));
+    const auto terms = at::mm(zm.t(), x, at::kFloat);  // [2 E R, D]
+    auto out_2d = out.view({E * R, D});
+    at::add_out(out_2d, terms.narrow(0, 0, E * R), terms.narrow(0, E * R, E * R));
+    return out;
+  }
+#endif
   cuda::LoraWeightGradParams p{z.const_data_ptr(), x.const_data_ptr(),
                                order.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
                                data_or_null(coef), out.data_ptr(), nullptr, T, D, E, R, k, dropout_p,

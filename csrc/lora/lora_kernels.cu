@@ -388,6 +388,18 @@ __global__ void __launch_bounds__(kSplitThreads) lora_shrink_gather_kernel(LoraS
   p.z[i] = p.scale * p.z_all[(t * p.E + e) * p.R + r];
 }
 
+// One thread per sorted position p: its expert by binary search over offsets (E + 1 values).
+__global__ void __launch_bounds__(kSplitThreads) lora_pair_ids_kernel(LoraPairIdsParams p) {
+  const int64_t i = int64_t(blockIdx.x) * kSplitThreads + threadIdx.x;
+  if (i >= p.N) return;
+  int64_t lo = 0, hi = p.E;  // the expert e with offsets[e] <= i < offsets[e + 1]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (p.offsets[mid] <= i) lo = mid; else hi = mid;
+  }
+  p.ids[p.order[i]] = static_cast<int32_t>(lo);
+}
+
 // Thread: 8 consecutive columns of one pair row (16-byte accesses where D % 8 == 0 and x is
 // 16-byte aligned; xm is a fresh allocation).
 __global__ void __launch_bounds__(kSplitThreads) lora_mask_rows_kernel(LoraMaskRowsParams p) {
@@ -436,6 +448,14 @@ cudaError_t launch_lora_expand_split(const LoraExpandSplitParams& p, cudaStream_
   if (n == 0) return cudaSuccess;
   lora_expand_split_kernel<<<static_cast<unsigned>((n + kSplitThreads - 1) / kSplitThreads),
                              kSplitThreads, 0, stream>>>(p);
+  MIXLORA_RETURN_IF_LAUNCH_FAILED();
+  return cudaSuccess;
+}
+
+cudaError_t launch_lora_pair_ids(const LoraPairIdsParams& p, cudaStream_t stream) {
+  if (p.N == 0) return cudaSuccess;
+  lora_pair_ids_kernel<<<static_cast<unsigned>((p.N + kSplitThreads - 1) / kSplitThreads),
+                         kSplitThreads, 0, stream>>>(p);
   MIXLORA_RETURN_IF_LAUNCH_FAILED();
   return cudaSuccess;
 }

@@ -89,6 +89,17 @@ struct LoraExpandSplitParams {
 };
 cudaError_t launch_lora_expand_split(const LoraExpandSplitParams& p, cudaStream_t stream);
 
+// ids[order[p]] = e for offsets[e] <= p < offsets[e + 1]: the slots' experts back from the
+// pairs grouped by expert (sort_pairs' order and offsets), for the dense form of
+// lora_weight_grad, whose split (LoraExpandSplitParams) takes them per token.
+struct LoraPairIdsParams {
+  const int32_t* order;    // [N]
+  const int64_t* offsets;  // [E + 1], offsets[E] == N
+  int32_t* ids;            // [N] = [T, k]
+  int64_t N, E;
+};
+cudaError_t launch_lora_pair_ids(const LoraPairIdsParams& p, cudaStream_t stream);
+
 // out[e, r, d] = sum_{p in [offsets[e], offsets[e+1])} (coef.flat[q] or 1) * z.flat[q, r]
 //                * drop_q(x[q / k])[d],   q = order[p]: e's pairs cut into a number of splits
 // that depends on the shapes only, each summed in ascending p, the splits added in order.

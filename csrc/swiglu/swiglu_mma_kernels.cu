@@ -445,10 +445,11 @@ __device__ __forceinline__ void stage_step(const SwigluInputs& p, const bf16* gr
 }
 
 // stage_step's copies with the per-thread offsets that do not change from step to step
-// computed once per block, for the forward without dropout (it keeps them in registers without
-// spills; the backward, at its 128-register cap, keeps stage_step): per step 32-bit offsets,
-// shifts instead of divisions, and the copies: ~110 instructions against stage_step's ~150 of
-// 64-bit index math (bench/NOTES.md v11). The same copies into the same places as stage_step.
+// computed once per block, for both kernels without dropout (v11: the forward; v14: the
+// backward's pass 1 too, which after v12 keeps them at 128 registers without spills): per step
+// 32-bit offsets, shifts instead of divisions, and the copies: ~110 instructions against
+// stage_step's ~150 of 64-bit index math (bench/NOTES.md v11). The same copies into the same
+// places as stage_step (grad_hbar: null in the forward).
 struct StagePlan {
   int32_t b_src[2], b_dst[2];  // Bg, Bu: the thread's first row, without the c0 * R term
   int32_t b_col[2];            // the step column of all its Bg / Bu rows
@@ -477,9 +478,10 @@ struct StagePlan {
   }
 };
 
-__device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const StagePlan& pl,
-                                                   const MmaSmem& L, bf16* st, int64_t t0,
-                                                   int tokens, int64_t c0, int64_t col_end) {
+__device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const bf16* grad_hbar,
+                                                   const StagePlan& pl, const MmaSmem& L, bf16* st,
+                                                   int64_t t0, int tokens, int64_t c0,
+                                                   int64_t col_end) {
   // Every offset here is 32-bit and relative to a tensor's start (mma_forward_supported checks
   // the sizes); one 64-bit multiply-add per copy forms its address.
   const int E = static_cast<int>(p.E), I = static_cast<int>(p.I);
@@ -521,6 +523,7 @@ __device__ __forceinline__ void stage_step_planned(const SwigluInputs& p, const 
     const int64_t at = valid ? t0 * p.I + (c + pl.x_src) : 0;
     cp_async16_zfill(st + L.g + pl.x_dst, static_cast<const bf16*>(p.G) + at, valid);
     cp_async16_zfill(st + L.u + pl.x_dst, static_cast<const bf16*>(p.U) + at, valid);
+    if (grad_hbar != nullptr) cp_async16_zfill(st + L.gh + pl.x_dst, grad_hbar + at, valid);
   }
 }
 
@@ -712,7 +715,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     if constexpr (DROP) {
       stage_step(p, nullptr, L, stage, t0, tokens, c, col_end);
     } else {
-      stage_step_planned(p, plan, L, stage, t0, tokens, c, col_end);
+      stage_step_planned(p, nullptr, plan, L, stage, t0, tokens, c, col_end);
     }
   };
   issue(first_stage, col_begin);  // flies meanwhile
@@ -863,7 +866,16 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
   const int tokens = static_cast<int>(min(tokens_per_block, p.T - t0));
   const int64_t col_begin = int64_t(blockIdx.y) * block_cols;
   const int64_t col_end = min(p.I, col_begin + block_cols);
-  stage_step(p, grad_hbar, L, first_stage, t0, tokens, col_begin, col_end);  // flies meanwhile
+  // As in the forward: without dropout the staging offsets are computed once (StagePlan).
+  const StagePlan plan(p, L);
+  auto issue = [&](bf16* stage, int64_t c) {
+    if constexpr (DROP) {
+      stage_step(p, grad_hbar, L, stage, t0, tokens, c, col_end);
+    } else {
+      stage_step_planned(p, grad_hbar, plan, L, stage, t0, tokens, c, col_end);
+    }
+  };
+  issue(first_stage, col_begin);  // flies meanwhile
   cp_async_commit();
   const BlockRows b = setup_block(p, tokens_per_block, ids_s, weights_s, perm_s, R8 != 2, zg_words,
                                   zu_words);
@@ -894,9 +906,7 @@ __global__ void __launch_bounds__(kMmaThreads, R8 == 2 ? 2 : 1)
   for (int64_t c0 = col_begin; c0 < col_end; c0 += kMmaStep, st ^= 1) {
     // As in the forward: dg and du rows of step c0 - 16 are combined while this step fills
     // the other pair of row buffers.
-    const bf16* S = begin_step<STAGES>(L, smem, st, c0, col_begin, col_end, [&](bf16* stage, int64_t c) {
-      stage_step(p, grad_hbar, L, stage, t0, tokens, c, col_end);
-    });
+    const bf16* S = begin_step<STAGES>(L, smem, st, c0, col_begin, col_end, issue);
     if (c0 > col_begin) {
       combine_pairs_v<8>(dg_buf(st ^ 1), static_cast<bf16*>(p.dG), p.I, t0, tokens, k, c0 - kMmaStep,
                          col_end, 0, kMmaThreads / 2);
