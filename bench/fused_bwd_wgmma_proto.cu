@@ -52,6 +52,12 @@
 // Shapes: T % 64 == 0, H % 64 == 0, I % 128 == 0, 16-byte aligned rows (the launcher checks).
 #include "moe_epilogue.cuh"
 
+// Measurement only (bench/v19_ablate.py): 1 leaves the epilogue out (the GEMM and the dhbar
+// store), 2 the dz products, 3 the masked delta MMAs; 0 (the default) is the kernel.
+#ifndef V19_ABLATE
+#define V19_ABLATE 0
+#endif
+
 namespace {
 
 // The asm output operands d[i] .. d[i + 7], written only.
@@ -286,7 +292,7 @@ __device__ __forceinline__ void epilogue_quarter(
     load_zj(zu, zu32, rw, j);
     load_zj(zd, gzd32, rw, j);
 #pragma unroll
-    for (int kappa = 0; kappa < kExperts; ++kappa) {
+    for (int kappa = 0; kappa < (V19_ABLATE == 3 ? 0 : kExperts); ++kappa) {
       uint32_t ag[4], au[4], az[4];
       mask_a(ag, zg, e, kappa);
       mask_a(au, zu, e, kappa);
@@ -335,8 +341,12 @@ __device__ __forceinline__ void epilogue_quarter(
       dw[r][0] += j ? 0.f : dwj[r];
       dw[r][1] += j ? dwj[r] : 0.f;
     }
-    add_rank_sums<2, kDzRowWords>(dz + j * 2 * kRank, fg, e, epi + kEpiBgut, 2 * qq);
-    add_rank_sums<2, kDzRowWords>(dz + j * 2 * kRank + kRank, fu, e, epi + kEpiBgut + kBox128, 2 * qq);
+    if (V19_ABLATE != 2) {
+      add_rank_sums<2, kDzRowWords>(dz + j * 2 * kRank, fg, e, epi + kEpiBgut, 2 * qq);
+      add_rank_sums<2, kDzRowWords>(dz + j * 2 * kRank + kRank, fu, e, epi + kEpiBgut + kBox128, 2 * qq);
+    } else if (fg[0] == 0xffffffffu && fu[0] == 0xffffffffu) {
+      dz[0] = 1.f;  // (keeps dg, du computed)
+    }
   }
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
@@ -387,7 +397,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   if (wg == 0) {  // the producers
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n" ::: "memory");
+    // 40: the consumers' 2 x (232 - 168) registers a thread slot must come from the producers'
+    // 168 - 40 (with 48 the consumers' setmaxnreg.inc waited for ever on the GPU: NOTES v19)
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) produce_stages(&map_dout, &map_wdt, base, full0, empty0, plan, k_steps);
     if (tid == 32) produce_epilogue(&map_bgu, &map_adt, &map_bgut, epi, epi_full0, epi_empty, plan);
     return;
@@ -456,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < kTN / kSub; ++c) {
         if (c > 0) mbar_wait(epi_full0 + 8 * c, parity);
 #pragma unroll 1
-        for (int qq = 0; qq < kSub / 32; ++qq) {
+        for (int qq = 0; qq < (V19_ABLATE == 1 ? 0 : kSub / 32); ++qq) {
           const int64_t here = at + kSub * c + 32 * qq;
           epilogue_quarter(qq, rw, dw, dz_mine, epi, zg32, zu32, gzd32, G, U, dG, dU, dhbar, here,
                            c * 2 + qq + 1 < kTN / 32 ? here + 32 : -1, I);
