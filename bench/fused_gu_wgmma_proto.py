@@ -368,6 +368,14 @@ def dense_lora_split(so, variant, T, H, I):
               json.dumps(errors(hbar, part.sum(0), ref_hbar, ref_zd)), flush=True)
 
 
+GROUP_TOKENS = 4096  # time_shape's slices at larger T (the x blocks of 4096 tokens fit L2)
+
+
+def sliced(op, t0, n):
+    """op's tokens t0 .. t0 + n (row slices of the per-token operands: views, 16-byte aligned)."""
+    return {k: (v[t0:t0 + n] if k in ("x", "zg", "zu", "ids", "w") else v) for k, v in op.items()}
+
+
 CALLS = 5  # calls a timed sample: the host's work for one call overlaps the GPU's of the last
 
 
@@ -394,6 +402,13 @@ def time_shape(so, variants, T, H, I, reps):
     for v in variants:
         out = fused(so, op, variant=v)
         fns[VARIANTS[v]] = repeated(lambda v=v, out=out: (fused(so, op, 0, out, v), out[1].sum(0)))
+        if T > GROUP_TOKENS and T % GROUP_TOKENS == 0:
+            # the same work as calls over GROUP_TOKENS-token slices: the x blocks in use at once
+            # then fit L2 (at T = 16384 the plan's one chunk has all 128 MB of them in use)
+            parts = [(sliced(op, g * GROUP_TOKENS, GROUP_TOKENS),) for g in range(T // GROUP_TOKENS)]
+            parts = [(q, fused(so, q, variant=v)) for (q,) in parts]
+            fns[VARIANTS[v] + "_by_slices"] = repeated(
+                lambda v=v, parts=parts: [(fused(so, q, 0, o, v), o[1].sum(0)) for q, o in parts])
         if v >= 1:
             gu = (torch.empty(T, I, device=DEV, dtype=torch.bfloat16),
                   torch.empty(T, I, device=DEV, dtype=torch.bfloat16))
@@ -416,6 +431,8 @@ def time_shape(so, variants, T, H, I, reps):
     for v in variants:
         name = VARIANTS[v]
         row[f"{name}_vs_dense_gu_swiglu"] = got[name] / got["dense_gu_swiglu"]
+        if name + "_by_slices" in got:
+            row[f"{name}_by_slices_vs_dense_gu_swiglu"] = got[name + "_by_slices"] / got["dense_gu_swiglu"]
         row[f"{name}_tflops"] = 2 * T * H * 2 * I / got[name] / 1e9
     print(f"time T={T} H={H} I={I}: " + ", ".join(f"{n} {ms:.3f} ms" for n, ms in got.items()) + "; / dense " +
           ", ".join(f"{VARIANTS[v]} {row[VARIANTS[v] + '_vs_dense_gu_swiglu']:.3f}" for v in variants), flush=True)

@@ -166,6 +166,22 @@ def test_driver_time_shape_on_the_cpu(monkeypatch):
         assert row[f"{name}_ms"] > 0, row
     for name in ("v17", "v18", "v18c"):
         assert row[f"{name}_vs_dense_gu_swiglu"] == row[f"{name}_ms"] / row["dense_gu_swiglu_ms"]
+    assert not any("by_slices" in k for k in row), row  # T <= GROUP_TOKENS: one call
+
+
+def test_driver_times_token_slices_on_the_cpu(monkeypatch):
+    """Above GROUP_TOKENS, time_shape also times the work as calls over token slices, and a
+    slice's outputs are those of the whole call's rows."""
+    monkeypatch.setattr(v17, "DEV", "cpu")
+    monkeypatch.setattr(v17, "fused", _fake_fused())
+    monkeypatch.setattr(v17, "GROUP_TOKENS", 128)
+    row = v17.time_shape(_FakeLib, [0], 256, 64, 128, reps=2)
+    assert row["v17_by_slices_ms"] > 0 and row["v17_by_slices_vs_dense_gu_swiglu"] > 0, row
+    p = v17.Problem(256, 64, 128, "cpu")
+    op = v17.prepare(p)
+    whole, _, _ = v17.emulate(op, 4, 0)
+    part, _, _ = v17.emulate(v17.sliced(op, 128, 128), 4, 0)
+    assert torch.equal(part, whole[128:])
 
 
 def test_v16_driver_on_the_cpu(monkeypatch, capsys):
