@@ -2,7 +2,9 @@
 one shape beside cuBLAS's dhbar GEMM: where the epilogue's time goes (bench/NOTES.md v19).
     device: timeout 200 python3 bench/v19_ablate.py [--T 4096 --H 4096 --I 11008]"""
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -22,14 +24,24 @@ def main():
     a.add_argument("--reps", type=int, default=20)
     a = a.parse_args()
     base = list(v19.NVCC)
+    dirs = {n: f"/tmp/v19_ablate_{n}" for n in NAMES}
+    builds = {}
+    for n, d in dirs.items():  # the four builds at once (build() below then finds them made)
+        os.makedirs(d, exist_ok=True)
+        cmd = base[:-1] + [f"-DV19_ABLATE={n}", base[-1], "-shared", "-Xcompiler", "-fPIC", "-o",
+                           os.path.join(d, "fused_bwd_wgmma_proto.so")]
+        builds[n] = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for n, proc in builds.items():
+        err = proc.communicate()[1]
+        if proc.returncode != 0:
+            raise SystemExit(f"nvcc failed for V19_ABLATE={n}: {err[-2000:]}")
+        with open(os.path.join(dirs[n], "fused_bwd_ptxas.json"), "w") as f:
+            json.dump(v19.ptxas_report(err), f)
     p = v19.Problem(a.T, a.H, a.I, "cuda")
     op = v19.prepare(p)
     fns = {}
     for n, name in NAMES.items():
-        d = f"/tmp/v19_ablate_{n}"
-        os.makedirs(d, exist_ok=True)
-        v19.NVCC = base[:-1] + [f"-DV19_ABLATE={n}", base[-1]]
-        so = v19.build(d)
+        so = v19.build(dirs[n])
         out = v19.empty_outputs(so, op)
         fns[name] = lambda so=so, out=out: v19.fused(so, op, 0, out)
     fns["cublas_dhbar"] = lambda: p.dout @ p.Wd
