@@ -121,12 +121,16 @@ struct Walk {
 // v18c (CLUSTER 2): the two CTAs of a cluster take the two 64-token blocks of an item in
 // lockstep; each copies its own x rows and half of the weight rows and of the epilogue operands,
 // the halves multicast into both CTAs (whose barriers then count both CTAs' bytes and releases).
-template <int HALVES, int CLUSTER>
+// v17s (SPLIT): the weight rows from Wg and Wu as the model holds them, no interleaved copy:
+// map_wgu is then a 3-D map over (K, rows, {Wg, Wu}), its third stride Wu - Wg, whose box of
+// 64 K x 64 rows x 2 lands as Wg's 64 rows, then Wu's: the interleaved copy's 128-row tile.
+template <int HALVES, int CLUSTER, bool SPLIT>
 __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensorMap* map_wgu,
                                         const CUtensorMap* map_bgu, const CUtensorMap* map_ad,
                                         uint32_t base, uint32_t epi, uint32_t full0,
                                         uint32_t empty0, uint32_t epi_full, uint32_t epi_empty,
                                         const Plan& plan, int k_steps) {
+  static_assert(!SPLIT || CLUSTER == 1, "v17s: one CTA a tile");
   using S = Shape<HALVES>;
   constexpr int kStages = S::kStages, kStageBytes = S::kStageBytes, kABytes = S::kABytes;
   constexpr int kPart = 128 / CLUSTER;  // rows of a 128-row box each producer copies
@@ -151,7 +155,11 @@ __device__ __forceinline__ void produce(const CUtensorMap* map_x, const CUtensor
           mbar_wait(empty0 + 8 * s, parity);
           mbar_expect_tx(full0 + 8 * s, kStageBytes);
           tma_load_2d(sa, map_x, full0 + 8 * s, ks * kBK, m0);
-          tma_load_2d(sa + kABytes, map_wgu, full0 + 8 * s, ks * kBK, nt * kTN);
+          if constexpr (SPLIT) {  // Wg's 64 rows of the tile's columns, then Wu's, in one copy
+            tma_load_3d(sa + kABytes, map_wgu, full0 + 8 * s, ks * kBK, nt * kTI);
+          } else {
+            tma_load_2d(sa + kABytes, map_wgu, full0 + 8 * s, ks * kBK, nt * kTN);
+          }
         }
       }
       const uint32_t parity = (static_cast<uint32_t>(i) & 1u) ^ 1u;
@@ -324,7 +332,7 @@ __device__ __forceinline__ void epilogue_half(float (&d)[64], float* zd, const R
 
 #endif  // sm_90a
 
-template <int HALVES, int CLUSTER>
+template <int HALVES, int CLUSTER, bool SPLIT = false>
 __global__ void __launch_bounds__(kThreads, 1)
     fused_gu_kernel(const __grid_constant__ CUtensorMap map_x,
                     const __grid_constant__ CUtensorMap map_wgu,
@@ -367,8 +375,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid == 0) {
-      produce<HALVES, CLUSTER>(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0, empty0,
-                               epi_full, epi_empty, plan, k_steps);
+      produce<HALVES, CLUSTER, SPLIT>(&map_x, &map_wgu, &map_bgu, &map_ad, base, epi, full0,
+                                      empty0, epi_full, epi_empty, plan, k_steps);
     }
     if constexpr (CLUSTER == 2) cluster_sync();  // (the consumers' at the end)
     return;
@@ -510,13 +518,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // What a launch of `variant` takes: 0 v17 (tiles of 128 tokens), 1 v18 (64), 2 v18c (64, the
-// CTAs in clusters of 2 over pairs of token blocks); tm 0 for no variant.
+// CTAs in clusters of 2 over pairs of token blocks), 3 v17s (v17 reading Wg and Wu as they are);
+// tm 0 for no variant.
 struct Variant {
   int tm, cluster;
+  bool split;
 };
 
 Variant variant_of(int variant) {
-  return variant == 0 ? Variant{128, 1} : variant == 1 ? Variant{64, 1} : variant == 2 ? Variant{64, 2} : Variant{0, 0};
+  switch (variant) {
+    case 0: return Variant{128, 1, false};
+    case 1: return Variant{64, 1, false};
+    case 2: return Variant{64, 2, false};
+    case 3: return Variant{128, 1, true};
+    default: return Variant{0, 0, false};
+  }
 }
 
 }  // namespace
@@ -537,7 +553,8 @@ extern "C" int fused_gu_partials(int T, int I, int max_ctas, int variant) {
 }
 
 // hbar [T, I] and zd_part [P, T, 2, 16] (P = fused_gu_partials) from x [T, H], wgu [2 I, H]
-// (Wg / Wu rows interleaved in blocks of 64), bgu [2 I, E R] (Bg / Bu interleaved the same way,
+// (Wg / Wu rows interleaved in blocks of 64; v17s, variant 3: wgu = Wg [I, H] and wu = Wu [I, H]
+// as the model holds them, no copy; wu null for the others), bgu [2 I, E R] (Bg / Bu interleaved the same way,
 // expert-major columns), ad [E R, I], zg / zu [T, 2, 16] (s-scaled, bf16), ids [T, 2] int32 and
 // w [T, 2] fp32, on `stream`, by v17 (variant 0: tiles of 128 tokens, G and U rounded to bf16
 // before the deltas), v18 (1: tiles of 64 tokens, the sums kept fp32) or v18c (2: v18 in 2-CTA
@@ -545,8 +562,8 @@ extern "C" int fused_gu_partials(int T, int I, int max_ctas, int variant) {
 // and u_out (both or neither) also write G and U [T, I] bf16, the frozen GEMM's sums the
 // backward reads (training). Returns 0, or 1 a shape, alignment or variant it does not take, 2
 // no cuTensorMapEncodeTiled, 3 a tensor map the driver refused, else the launch's CUDA error.
-extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const void* bgu,
-                                        const void* ad, const void* zg, const void* zu,
+extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const void* wu,
+                                        const void* bgu, const void* ad, const void* zg, const void* zu,
                                         const void* ids, const void* w, void* hbar, void* zd_part,
                                         void* g_out, void* u_out, int T, int H, int I,
                                         void* stream, int max_ctas, int variant) {
@@ -555,8 +572,13 @@ extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const vo
       I % kTI != 0) {
     return 1;
   }
-  if ((g_out == nullptr) != (u_out == nullptr) || (g_out != nullptr && variant == 0)) return 1;
+  if ((g_out == nullptr) != (u_out == nullptr) || (g_out != nullptr && v.tm == 128)) return 1;
+  if ((wu != nullptr) != v.split) return 1;
+  // v17s: one 3-D map over Wg and Wu, whose third stride must be positive and 16-byte aligned
+  const intptr_t gap = reinterpret_cast<intptr_t>(wu) - reinterpret_cast<intptr_t>(wgu);
+  if (v.split && (gap <= 0 || gap % 16 != 0)) return 1;
   const uintptr_t all = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(wgu) |
+                        reinterpret_cast<uintptr_t>(wu) |
                         reinterpret_cast<uintptr_t>(bgu) | reinterpret_cast<uintptr_t>(ad) |
                         reinterpret_cast<uintptr_t>(zg) | reinterpret_cast<uintptr_t>(zu) |
                         reinterpret_cast<uintptr_t>(ids) | reinterpret_cast<uintptr_t>(w) |
@@ -568,16 +590,20 @@ extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const vo
   // v18c's producers each copy half of the rows of a 128-row box (multicast into both CTAs)
   const int part = 128 / v.cluster;
   CUtensorMap map_x{}, map_wgu{}, map_bgu{}, map_ad{};
+  // v17s: wgu is Wg [I, H] and wu Wu, one 3-D map over both; else wgu [2 I, H]
+  const CUresult weights = v.split ? make_map_pair(&map_wgu, encode, wgu, gap, I, H, kTI)
+                                   : make_map(&map_wgu, encode, wgu, 2 * I, H, part);
+  if (weights != CUDA_SUCCESS) return 3;
   if (make_map(&map_x, encode, x, T, H, v.tm) != CUDA_SUCCESS ||
-      make_map(&map_wgu, encode, wgu, 2 * I, H, part) != CUDA_SUCCESS ||
       make_map(&map_bgu, encode, bgu, 2 * I, kER, part) != CUDA_SUCCESS ||
       make_map(&map_ad, encode, ad, kER, I, part) != CUDA_SUCCESS) {
     return 3;
   }
   const auto kernel = variant == 0   ? fused_gu_kernel<2, 1>
                       : variant == 1 ? fused_gu_kernel<1, 1>
-                                     : fused_gu_kernel<1, 2>;
-  const int smem = variant == 0 ? Shape<2>::kSmemBytes : Shape<1>::kSmemBytes;
+                      : variant == 2 ? fused_gu_kernel<1, 2>
+                                     : fused_gu_kernel<2, 1, true>;
+  const int smem = v.tm == 128 ? Shape<2>::kSmemBytes : Shape<1>::kSmemBytes;
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);

@@ -2,7 +2,9 @@
 (bench/fused_gu_wgmma_proto.cu, bench/NOTES.md v17, v18), checked against the fp32 reference and
 timed beside cuBLAS. v17 (variant 0) takes tiles of 128 tokens, v18 (variant 1) of 64 with each
 pair's deltas in sums of their own, and in training also writes G and U for the backward; v18c
-(variant 2) is v18 in 2-CTA clusters that share the weight and epilogue tiles by multicast.
+(variant 2) is v18 in 2-CTA clusters that share the weight and epilogue tiles by multicast;
+v17s (variant 3) is v17 reading Wg and Wu as the model holds them (one 3-D tensor map over both)
+instead of the interleaved copy, which would double the frozen gate / up weights' memory.
 
 What the kernel computes, for T tokens with experts ids [T, 2] and weights w [T, 2] (E = 8,
 R = 16, bf16; s the LoRA scale):
@@ -41,9 +43,11 @@ from timing import call_timer, interleaved_medians  # noqa: E402  (bench/timing.
 
 E, R, K = 8, 16, 2  # the prototype's experts, rank, pairs (compile-time in the .cu)
 TI = 64             # a tile's columns of I
-VARIANTS = {0: "v17", 1: "v18", 2: "v18c"}  # the launcher's: tiles of 128 / 64 / 64 tokens,
-TILE_ROWS = {0: 128, 1: 64, 2: 64}            # v18c's CTAs in clusters of 2 over block pairs
-CLUSTER = {0: 1, 1: 1, 2: 2}
+VARIANTS = {0: "v17", 1: "v18", 2: "v18c", 3: "v17s"}  # the launcher's: tiles of 128 / 64 / 64 /
+TILE_ROWS = {0: 128, 1: 64, 2: 64, 3: 128}            # 128 tokens, v18c's CTAs in clusters of 2
+CLUSTER = {0: 1, 1: 1, 2: 2, 3: 1}                    # over block pairs; v17s reads Wg, Wu as they are
+V17_NUMERICS = (0, 3)  # G, U rounded to bf16, pair 1 as (Z_1 - Z_0): v17's and v17s's epilogue
+TRAINING = (1, 2)      # the variants that can also write G and U
 SCALE = 2.0         # alpha / r of the bench (a power of two: folding it into bf16 z is exact)
 
 # (T, H, I, max_ctas): one tile; several items a CTA with odd tile counts; a few waves; the target
@@ -88,9 +92,12 @@ def interleave(a, b):
 def prepare(p):
     """The kernel's operands (weight preparation, once per weight update; the z per call)."""
     expert_major = lambda B: B.permute(1, 0, 2).reshape(B.shape[1], E * R)  # noqa: E731  [I, E R]
+    # v17s reads Wg and Wu as they are, Wu after Wg in memory (its 3-D tensor map's third stride
+    # is their distance): here the two halves of one allocation
+    w2 = torch.stack([p.Wg, p.Wu])
     return dict(
         x=p.x.contiguous(),
-        wgu=interleave(p.Wg, p.Wu).contiguous(),
+        wgu=interleave(p.Wg, p.Wu).contiguous(), wg=w2[0], wu=w2[1],
         bgu=interleave(expert_major(p.Bg), expert_major(p.Bu)).contiguous(),
         ad=p.Ad.reshape(E * R, p.I).contiguous(),
         zg=(p.zg.float() * SCALE).to(p.x.dtype).contiguous(),
@@ -161,7 +168,7 @@ def emulate(op, ctas, variant=0):
                 own = i % 2
                 cols = slice(nt * 2 * TI, (nt + 1) * 2 * TI)
                 base = x[rows].float() @ wgu[cols].float().t()  # [TM, 128]: 64 of G, 64 of U
-                if variant == 0:
+                if variant in V17_NUMERICS:
                     base = base.to(dt).float()
                 b = bgu[cols].float()  # [128, E R]: rows 0-63 G's, 64-127 U's
                 a_t = ad[:, nt * TI:(nt + 1) * TI].float()  # [E R, 64]
@@ -171,7 +178,7 @@ def emulate(op, ctas, variant=0):
                 h0 = (torch.nn.functional.silu(acc[:, :TI]) * acc[:, TI:]).to(dt)
                 zsum[own, :, 0] += ((h0.float() @ a_t.t()).view(TM, E, R) *
                                     mask[0].view(TM, E, R)).sum(1)
-                if variant == 0:
+                if variant in V17_NUMERICS:
                     acc[:, :TI] += (zgj[1] - zgj[0]) @ b[:TI].t()
                     acc[:, TI:] += (zuj[1] - zuj[0]) @ b[TI:].t()
                 else:
@@ -217,11 +224,13 @@ def ptxas_report(stderr):
     loop loses its overlap and no timing measures the design."""
     def short(mangled):
         names = re.findall(r"\d((?:wgmma_gemm|fused_gu|fused_bwd)\w*?kernel)", mangled)
-        tmpl = re.search(r"kernelI((?:Li\d+E)+)E", mangled)
+        tmpl = re.search(r"kernelI((?:L[ib]\d+E)+)E", mangled)
         base = names[-1] if names else mangled
         if tmpl is None:
             return base
-        return base + "<" + ", ".join(re.findall(r"Li(\d+)E", tmpl.group(1))) + ">"
+        args = [("true" if v == "1" else "false") if t == "b" else v
+                for t, v in re.findall(r"L([ib])(\d+)E", tmpl.group(1))]
+        return base + "<" + ", ".join(args) + ">"
     report, current = {}, None
     for line in stderr.splitlines():
         fn = re.search(r"(?:Compiling entry function|(?:in|for) the function) '([^']+)'", line)
@@ -264,7 +273,7 @@ def build(out_dir):
     so = ctypes.CDLL(lib)
     so.fused_gu_partials.argtypes = [ctypes.c_int] * 4
     so.fused_gu_partials.restype = ctypes.c_int
-    so.fused_gu_moe_swiglu_bf16.argtypes = ([ctypes.c_void_p] * 12 + [ctypes.c_int] * 3 +
+    so.fused_gu_moe_swiglu_bf16.argtypes = ([ctypes.c_void_p] * 13 + [ctypes.c_int] * 3 +
                                             [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     so.fused_gu_moe_swiglu_bf16.restype = ctypes.c_int
     so.ptxas = report
@@ -283,7 +292,9 @@ def fused(so, op, max_ctas=0, out=None, variant=0, gu=None):
         out = (torch.empty(T, I, device=x.device, dtype=x.dtype),
                torch.empty(P, T, K, R, device=x.device, dtype=torch.float32))
     hbar, part = out
-    ptrs = [op[n].data_ptr() for n in ("x", "wgu", "bgu", "ad", "zg", "zu", "ids", "w")]
+    split = variant == 3  # v17s: Wg and Wu as they are, in place of the interleaved copy
+    ptrs = [op[n].data_ptr() for n in ("x", "wg" if split else "wgu")] + [op["wu"].data_ptr() if split else None]
+    ptrs += [op[n].data_ptr() for n in ("bgu", "ad", "zg", "zu", "ids", "w")]
     g, u = (gu[0].data_ptr(), gu[1].data_ptr()) if gu is not None else (None, None)
     code = so.fused_gu_moe_swiglu_bf16(*ptrs, hbar.data_ptr(), part.data_ptr(), g, u, T, H, I,
                                        torch.cuda.current_stream().cuda_stream, max_ctas, variant)
@@ -318,7 +329,7 @@ def check(so, variant, T, H, I, max_ctas):
         out = (torch.full((T, I), float("nan"), device=DEV, dtype=torch.bfloat16),
                torch.full((P, T, K, R), float("nan"), device=DEV))
         gu = None
-        if variant >= 1:  # training: G and U out too (NaN before)
+        if variant in TRAINING:  # training: G and U out too (NaN before)
             gu = tuple(torch.full((T, I), float("nan"), device=DEV, dtype=torch.bfloat16)
                        for _ in range(2))
         runs.append(fused(so, op, max_ctas, out, variant, gu) + (gu,))
@@ -409,7 +420,7 @@ def time_shape(so, variants, T, H, I, reps):
             parts = [(q, fused(so, q, variant=v)) for (q,) in parts]
             fns[VARIANTS[v] + "_by_slices"] = repeated(
                 lambda v=v, parts=parts: [(fused(so, q, 0, o, v), o[1].sum(0)) for q, o in parts])
-        if v >= 1:
+        if v in TRAINING:
             gu = (torch.empty(T, I, device=DEV, dtype=torch.bfloat16),
                   torch.empty(T, I, device=DEV, dtype=torch.bfloat16))
             fns[VARIANTS[v] + "_training"] = repeated(
@@ -444,7 +455,7 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--variants", type=int, nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="0 v17 (128-token tiles), 1 v18 (64-token tiles, also in training), "
-                             "2 v18c (v18 in 2-CTA clusters)")
+                             "2 v18c (v18 in 2-CTA clusters), 3 v17s (v17 reading Wg, Wu as they are)")
     parser.add_argument("--json", default=None, help="write the checks and timings here")
     parser.add_argument("--build-dir", default=None,
                         help="build the library here, or reuse the one an earlier run built (default: a temporary one)")

@@ -76,6 +76,17 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// Box (c0: K, c1: rows, 0) of a 3-D tensor map into shared memory at dst (make_map_pair's: a
+// box of 2 along the third dimension lands as the first matrix's rows, then the second's).
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, 0}], [%2];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
 // Shared-memory matrix descriptor of a K-major tile whose rows are 128 bytes, written by the
 // tensor copy with 128-byte swizzle from a 1024-byte aligned base: start address >> 4 (bits
 // 0-13), leading byte offset unused for this layout (1), stride byte offset 1024 >> 4 (8 rows of
@@ -259,6 +270,20 @@ CUresult make_map(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, co
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t element_strides[2] = {1, 1};
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+}
+
+// A 3-D tensor map over two row-major bf16 matrices [rows, cols] of the same shape, the second
+// `gap` bytes after the first (positive, a multiple of 16), as [2][rows][cols]: boxes of 64
+// columns x box_rows x 2, 128-byte swizzle (v17s: Wg and Wu as the model holds them).
+CUresult make_map_pair(CUtensorMap* map, PFN_cuTensorMapEncodeTiled_v12000 encode, const void* first,
+                       intptr_t gap, int rows, int cols, int box_rows) {
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows), 2};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(cols) * 2, static_cast<cuuint64_t>(gap)};
+  const cuuint32_t box[3] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows), 2};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(first), dims, strides, box,
                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }

@@ -39,6 +39,19 @@ def test_emulation_sees_a_wrong_layout():
         assert v17.errors(hbar, part.sum(0), *ref)["hbar"] > 0.1
 
 
+def test_v17s_operands_are_the_weights_as_they_are():
+    """v17s's wg / wu: Wg and Wu themselves, Wu after Wg in memory by a multiple of 16 bytes (its
+    3-D tensor map's third stride); its tile (Wg's 64 rows, then Wu's) is the interleaved copy's."""
+    p = v17.Problem(128, 64, 192, "cpu")
+    op = v17.prepare(p)
+    assert torch.equal(op["wg"], p.Wg) and torch.equal(op["wu"], p.Wu)
+    gap = op["wu"].data_ptr() - op["wg"].data_ptr()
+    assert gap > 0 and gap % 16 == 0
+    for nt in range(192 // 64):  # the 3-D box (64 rows x 2) at rows 64 nt = wgu's 128 rows at 128 nt
+        box = torch.stack([op["wg"][64 * nt:64 * nt + 64], op["wu"][64 * nt:64 * nt + 64]]).reshape(128, -1)
+        assert torch.equal(box, op["wgu"][128 * nt:128 * nt + 128])
+
+
 def test_interleaved_layouts():
     p = v17.Problem(128, 64, 192, "cpu")
     op = v17.prepare(p)
@@ -75,11 +88,13 @@ def test_ptxas_keeps_the_wgmma_pipelined(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     report = v17.ptxas_report(done.stderr)
-    assert set(report) == {"fused_gu_kernel<2, 1>", "fused_gu_kernel<1, 1>", "fused_gu_kernel<1, 2>"}, report
+    assert set(report) == {"fused_gu_kernel<2, 1, false>", "fused_gu_kernel<1, 1, false>",
+                           "fused_gu_kernel<1, 2, false>", "fused_gu_kernel<2, 1, true>"}, report
     assert all(entry["serialized"] == [] for entry in report.values()), report
-    assert report["fused_gu_kernel<2, 1>"]["spill_store_bytes"] <= 256, report  # v17: 190
-    assert report["fused_gu_kernel<1, 1>"]["spill_store_bytes"] == 0, report  # v18
-    assert report["fused_gu_kernel<1, 2>"]["spill_store_bytes"] == 0, report  # v18c
+    assert report["fused_gu_kernel<2, 1, false>"]["spill_store_bytes"] <= 256, report  # v17: 190
+    assert report["fused_gu_kernel<2, 1, true>"]["spill_store_bytes"] <= 256, report  # v17s: 190
+    assert report["fused_gu_kernel<1, 1, false>"]["spill_store_bytes"] == 0, report  # v18
+    assert report["fused_gu_kernel<1, 2, false>"]["spill_store_bytes"] == 0, report  # v18c
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
@@ -152,7 +167,7 @@ def test_driver_check_on_the_cpu(monkeypatch, variant):
     # a partial left unwritten (NaN), or G off by more than its bound, fails the check
     monkeypatch.setattr(v17, "fused", _fake_fused(lambda out, gu: out[1][0, 0, 0].fill_(float("nan"))))
     assert not v17.check(_FakeLib, variant, *v17.CHECK_SHAPES[0])["ok"]
-    if variant >= 1:
+    if variant in v17.TRAINING:
         monkeypatch.setattr(v17, "fused", _fake_fused(lambda out, gu: gu[0].mul_(1.1)))
         assert not v17.check(_FakeLib, variant, *v17.CHECK_SHAPES[0])["ok"]
 
@@ -162,9 +177,10 @@ def test_driver_time_shape_on_the_cpu(monkeypatch):
     monkeypatch.setattr(v17, "DEV", "cpu")
     monkeypatch.setattr(v17, "fused", _fake_fused())
     row = v17.time_shape(_FakeLib, list(v17.VARIANTS), 128, 64, 128, reps=2)
-    for name in ("v17", "v18", "v18c", "v18_training", "v18c_training", "cublas_gu", "dense_gu_swiglu"):
+    for name in ("v17", "v18", "v18c", "v17s", "v18_training", "v18c_training", "cublas_gu", "dense_gu_swiglu"):
         assert row[f"{name}_ms"] > 0, row
-    for name in ("v17", "v18", "v18c"):
+    assert "v17s_training_ms" not in row, row
+    for name in ("v17", "v18", "v18c", "v17s"):
         assert row[f"{name}_vs_dense_gu_swiglu"] == row[f"{name}_ms"] / row["dense_gu_swiglu_ms"]
     assert not any("by_slices" in k for k in row), row  # T <= GROUP_TOKENS: one call
 
