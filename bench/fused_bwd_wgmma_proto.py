@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -40,7 +39,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from fused_gu_wgmma_proto import NVCC as FWD_NVCC, interleave, ptxas_report  # noqa: E402  (the forward's)
+from fused_gu_wgmma_proto import NVCC as FWD_NVCC, interleave, load_library, ptxas_report  # noqa: E402
 from timing import call_timer, interleaved_medians  # noqa: E402  (bench/timing.py)
 
 E, R, K = 8, 16, 2  # the prototype's experts, rank, pairs (compile-time in the .cu)
@@ -231,27 +230,9 @@ NVCC = [a for a in FWD_NVCC if not a.endswith("fused_gu_wgmma_proto.cu")] + [
 
 
 def build(out_dir):
-    """The kernel as a shared library in out_dir, built there unless an earlier run did (its
-    ptxas report kept beside it, under a name of its own: the forward's driver may share D)."""
-    lib = os.path.join(out_dir, "fused_bwd_wgmma_proto.so")
-    saved = os.path.join(out_dir, "fused_bwd_ptxas.json")
-    if os.path.exists(lib) and os.path.exists(saved):
-        with open(saved) as f:
-            report = json.load(f)
-    else:
-        cmd = NVCC + ["-shared", "-Xcompiler", "-fPIC", "-o", lib]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        print(done.stderr.strip()[-2000:], file=sys.stderr)
-        if done.returncode != 0:
-            raise SystemExit(f"nvcc failed ({done.returncode}): {' '.join(cmd)}")
-        report = ptxas_report(done.stderr)
-        with open(saved, "w") as f:
-            json.dump(report, f)
-    print(f"ptxas: {json.dumps(report)}", flush=True)
-    for name, entry in report.items():
-        if entry["serialized"]:
-            print(f"WARNING: ptxas serialized {name}'s wgmma: its timings are not the design's", flush=True)
-    so = ctypes.CDLL(lib)
+    """The kernel as a shared library in out_dir (the forward driver's load_library; its ptxas
+    report under a name of its own: the forward's driver may share the folder)."""
+    so, report = load_library(out_dir, NVCC, "fused_bwd_wgmma_proto.so", "fused_bwd_ptxas.json")
     so.fused_bwd_partials.argtypes = [ctypes.c_int] * 3
     so.fused_bwd_partials.restype = ctypes.c_int
     so.fused_moe_swiglu_bwd_bf16.argtypes = ([ctypes.c_void_p] * 17 + [ctypes.c_int] * 3 +

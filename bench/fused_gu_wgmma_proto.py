@@ -249,16 +249,17 @@ def ptxas_report(stderr):
     return report
 
 
-def build(out_dir):
-    """The kernels as a shared library in out_dir, built there unless an earlier run did (its
-    ptxas report kept beside it): one build for the variants' processes of a device call."""
-    lib = os.path.join(out_dir, "fused_gu_wgmma_proto.so")
-    saved = os.path.join(out_dir, "ptxas.json")
+def load_library(out_dir, nvcc, name, report_name):
+    """nvcc's shared library `name` in out_dir, built there unless an earlier run did (its ptxas
+    report kept beside it as report_name): one build for the processes of a device call. Returns
+    (the ctypes library, the report), after printing the report and any serialized kernel."""
+    lib = os.path.join(out_dir, name)
+    saved = os.path.join(out_dir, report_name)
     if os.path.exists(lib) and os.path.exists(saved):
         with open(saved) as f:
             report = json.load(f)
     else:
-        cmd = NVCC + ["-shared", "-Xcompiler", "-fPIC", "-o", lib]
+        cmd = nvcc + ["-shared", "-Xcompiler", "-fPIC", "-o", lib]
         done = subprocess.run(cmd, capture_output=True, text=True)
         print(done.stderr.strip()[-2000:], file=sys.stderr)
         if done.returncode != 0:
@@ -267,10 +268,15 @@ def build(out_dir):
         with open(saved, "w") as f:
             json.dump(report, f)
     print(f"ptxas: {json.dumps(report)}", flush=True)
-    for name, entry in report.items():
+    for kernel, entry in report.items():
         if entry["serialized"]:
-            print(f"WARNING: ptxas serialized {name}'s wgmma: its timings are not the design's", flush=True)
-    so = ctypes.CDLL(lib)
+            print(f"WARNING: ptxas serialized {kernel}'s wgmma: its timings are not the design's", flush=True)
+    return ctypes.CDLL(lib), report
+
+
+def build(out_dir):
+    """The kernels as a shared library in out_dir (load_library)."""
+    so, report = load_library(out_dir, NVCC, "fused_gu_wgmma_proto.so", "ptxas.json")
     so.fused_gu_partials.argtypes = [ctypes.c_int] * 4
     so.fused_gu_partials.restype = ctypes.c_int
     so.fused_gu_moe_swiglu_bf16.argtypes = ([ctypes.c_void_p] * 13 + [ctypes.c_int] * 3 +
