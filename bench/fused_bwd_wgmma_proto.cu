@@ -86,22 +86,6 @@ static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 static_assert(kTN == 2 * kSub, "a tile is two sub-blocks (the consumer's epilogue is written so)");
 static_assert(kER == 2 * kBK, "Bgu's and adt's K (E R) is two 64-column boxes");
 
-struct Plan {
-  int m_blocks, n_tiles, n_chunks, tiles_per_chunk, items;
-};
-
-__host__ __device__ inline Plan make_plan(int T, int I, int ctas) {
-  Plan p{};
-  p.m_blocks = T / kTM;
-  p.n_tiles = I / kTN;
-  int chunks = ctas / p.m_blocks;
-  chunks = chunks < 1 ? 1 : (chunks > p.n_tiles ? p.n_tiles : chunks);
-  p.tiles_per_chunk = (p.n_tiles + chunks - 1) / chunks;
-  p.n_chunks = (p.n_tiles + p.tiles_per_chunk - 1) / p.tiles_per_chunk;
-  p.items = p.m_blocks * p.n_chunks;
-  return p;
-}
-
 #ifdef MIXLORA_PROTO_SM90A
 
 // d (64 x 128, fp32) = A (64 x 16) @ B (128 x 16)^T, d written only: a tile's first MMA, so that
@@ -385,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t epi_empty = epi_full0 + 8 * (kTN / kSub);
   const uint32_t turn0 = epi_empty + 8;  // turn[w] at turn0 + 8 w
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
-  const Plan plan = make_plan(T, I, plan_ctas);  // the launcher's (gridDim.x may be fewer)
+  const Plan plan = make_plan(T, I, plan_ctas, kTM, kTN);  // the launcher's (gridDim.x may be fewer)
   const int k_steps = H / kBK;
   if (threadIdx.x == 0) {
     init_stage_barriers(full0, empty0, kStages, 4);
@@ -525,7 +509,7 @@ extern "C" int fused_bwd_partials(int T, int I, int max_ctas) {
   if (!shape_ok(T, kBK, I)) return -1;
   const int ctas = max_ctas > 0 ? max_ctas : sm_count();
   if (ctas <= 0) return -1;
-  return 2 * make_plan(T, I, ctas).n_chunks;
+  return 2 * make_plan(T, I, ctas, kTM, kTN).n_chunks;
 }
 
 // dG, dU [T, I], dhbar [T, I] (bf16), dz_part [P, T, 2, 2 R] and
@@ -560,7 +544,7 @@ extern "C" int fused_moe_swiglu_bwd_bf16(const void* dout, const void* wdt, cons
   if (err != cudaSuccess) return static_cast<int>(err);
   const int ctas = max_ctas > 0 ? max_ctas : sm_count();
   if (ctas <= 0) return 1;
-  const Plan plan = make_plan(T, I, ctas);
+  const Plan plan = make_plan(T, I, ctas, kTM, kTN);
   const int grid = ctas < plan.items ? ctas : plan.items;
   fused_bwd_kernel<<<grid, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       map_dout, map_wdt, map_bgu, map_adt, map_bgut, static_cast<const __nv_bfloat16*>(g),

@@ -81,23 +81,6 @@ struct Shape {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// How a launch splits the work: items of (token block, column chunk).
-struct Plan {
-  int m_blocks, n_tiles, n_chunks, tiles_per_chunk, items;
-};
-
-__host__ __device__ inline Plan make_plan(int T, int I, int ctas, int tm) {
-  Plan p{};
-  p.m_blocks = T / tm;
-  p.n_tiles = I / kTI;
-  int chunks = ctas / p.m_blocks;
-  chunks = chunks < 1 ? 1 : (chunks > p.n_tiles ? p.n_tiles : chunks);
-  p.tiles_per_chunk = (p.n_tiles + chunks - 1) / chunks;
-  p.n_chunks = (p.n_tiles + p.tiles_per_chunk - 1) / p.tiles_per_chunk;
-  p.items = p.m_blocks * p.n_chunks;
-  return p;
-}
-
 #ifdef MIXLORA_PROTO_SM90A
 
 // The CTA's place in the work: its first item and the item stride (its cluster's, when the CTAs
@@ -355,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t turn0 = epi_empty + 8;  // turn[w] at turn0 + 8 w
   const int wg = static_cast<int>(threadIdx.x) / 128, tid = static_cast<int>(threadIdx.x) % 128;
   // the launcher's plan (gridDim.x may be fewer), over clusters and pairs of token blocks in v18c
-  const Plan plan = make_plan(T, I, plan_ctas / CLUSTER, kTM * CLUSTER);
+  const Plan plan = make_plan(T, I, plan_ctas / CLUSTER, kTM * CLUSTER, kTI);
   const Walk<CLUSTER> walk;
   const int k_steps = H / kBK;
   if (threadIdx.x == 0) {
@@ -549,7 +532,7 @@ extern "C" int fused_gu_partials(int T, int I, int max_ctas, int variant) {
   }
   const int ctas = (max_ctas > 0 ? max_ctas : sms) / v.cluster;  // CTAs, or clusters
   if (ctas <= 0) return -1;
-  return 2 * make_plan(T, I, ctas, v.tm * v.cluster).n_chunks;
+  return 2 * make_plan(T, I, ctas, v.tm * v.cluster, kTI).n_chunks;
 }
 
 // hbar [T, I] and zd_part [P, T, 2, 16] (P = fused_gu_partials) from x [T, H], wgu [2 I, H]
@@ -613,7 +596,7 @@ extern "C" int fused_gu_moe_swiglu_bf16(const void* x, const void* wgu, const vo
   if (err != cudaSuccess) return static_cast<int>(err);
   const int units = (max_ctas > 0 ? max_ctas : sms) / v.cluster;  // CTAs, or clusters
   if (units <= 0) return 1;
-  const Plan plan = make_plan(T, I, units, v.tm * v.cluster);
+  const Plan plan = make_plan(T, I, units, v.tm * v.cluster, kTI);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3((units < plan.items ? units : plan.items) * v.cluster);
   config.blockDim = dim3(kThreads);

@@ -11,6 +11,24 @@ namespace {
 constexpr int kExperts = 8, kRank = 16, kER = kExperts * kRank;  // E R = 128
 constexpr int kPairs = 2;
 
+// How a launch of the fused prototypes splits the work: items of (a block of tm tokens, a chunk
+// of the I / tn column tiles), as many chunks as the CTAs over the token blocks allow.
+struct Plan {
+  int m_blocks, n_tiles, n_chunks, tiles_per_chunk, items;
+};
+
+__host__ __device__ inline Plan make_plan(int T, int I, int ctas, int tm, int tn) {
+  Plan p{};
+  p.m_blocks = T / tm;
+  p.n_tiles = I / tn;
+  int chunks = ctas / p.m_blocks;
+  chunks = chunks < 1 ? 1 : (chunks > p.n_tiles ? p.n_tiles : chunks);
+  p.tiles_per_chunk = (p.n_tiles + chunks - 1) / chunks;
+  p.n_chunks = (p.n_tiles + p.tiles_per_chunk - 1) / p.tiles_per_chunk;
+  p.items = p.m_blocks * p.n_chunks;
+  return p;
+}
+
 #ifdef MIXLORA_PROTO_SM90A
 
 __device__ __forceinline__ float silu_mul(float g, float u) {
