@@ -60,11 +60,6 @@
 
 namespace {
 
-// The asm output operands d[i] .. d[i + 7], written only.
-#define MIXLORA_W8(i)                                                                      \
-  "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), "=f"(d[i + 4]), "=f"(d[i + 5]), \
-      "=f"(d[i + 6]), "=f"(d[i + 7])
-
 constexpr int kTM = 64;    // tokens a tile
 constexpr int kTN = 128;   // columns of dhbar a tile
 constexpr int kSub = 64;   // columns whose epilogue operands fill the buffer once
@@ -87,27 +82,6 @@ static_assert(kTN == 2 * kSub, "a tile is two sub-blocks (the consumer's epilogu
 static_assert(kER == 2 * kBK, "Bgu's and adt's K (E R) is two 64-column boxes");
 
 #ifdef MIXLORA_PROTO_SM90A
-
-// d (64 x 128, fp32) = A (64 x 16) @ B (128 x 16)^T, d written only: a tile's first MMA, so that
-// the compiler sees the last tile's sums dead once its epilogue has read them (the "+f" form of
-// wgmma_m64n128k16 keeps them live across the epilogue, 64 registers the epilogue lacks).
-__device__ __forceinline__ void wgmma_m64n128k16_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : MIXLORA_W8(0), MIXLORA_W8(8), MIXLORA_W8(16), MIXLORA_W8(24),
-        MIXLORA_W8(32), MIXLORA_W8(40), MIXLORA_W8(48), MIXLORA_W8(56)
-      : "l"(desc_a), "l"(desc_b), "r"(0));
-}
 
 // A word this thread stored earlier in the kernel (dhbar): a plain, coherent load (not the
 // read-only path), asm volatile so that the compiler does not keep the stored value instead.

@@ -121,24 +121,43 @@ __device__ __forceinline__ void wgmma_wait() {
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 
+// The asm of a wgmma m64n128k16 with both operands in shared memory: %0-%63 the accumulators,
+// %64 / %65 the descriptors, %66 nonzero to add to them (else scale-d 0: d = A B^T).
+#define MIXLORA_WGMMA_M64N128K16_SS                                                            \
+  "{\n"                                                                                         \
+  ".reg .pred p;\n"                                                                             \
+  "setp.ne.b32 p, %66, 0;\n"                                                                    \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "                                      \
+  "{"                                                                                           \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                      \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "            \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "            \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"              \
+  "}, %64, %65, p, 1, 1, 0, 0;\n"                                                               \
+  "}\n"
+
+// The asm output operands d[i] .. d[i + 7], written only.
+#define MIXLORA_W8(i)                                                                      \
+  "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), "=f"(d[i + 4]), "=f"(d[i + 5]), \
+      "=f"(d[i + 6]), "=f"(d[i + 7])
+
 // d (64 x 128 of the warpgroup, fp32) = A (64 x 16) @ B (128 x 16)^T + (scale_d ? d : 0).
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                  uint32_t scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : MIXLORA_F8(0), MIXLORA_F8(8), MIXLORA_F8(16), MIXLORA_F8(24),
-        MIXLORA_F8(32), MIXLORA_F8(40), MIXLORA_F8(48), MIXLORA_F8(56)
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  asm volatile(MIXLORA_WGMMA_M64N128K16_SS
+               : MIXLORA_F8(0), MIXLORA_F8(8), MIXLORA_F8(16), MIXLORA_F8(24),
+                 MIXLORA_F8(32), MIXLORA_F8(40), MIXLORA_F8(48), MIXLORA_F8(56)
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// d = A (64 x 16) @ B (128 x 16)^T, d written only: a tile's first MMA, so that the compiler sees
+// the last tile's sums dead once its epilogue has read them (the "+f" form above keeps them live
+// across the epilogue: v19 has no room for them, bench/NOTES.md v19).
+__device__ __forceinline__ void wgmma_m64n128k16_first(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(MIXLORA_WGMMA_M64N128K16_SS
+               : MIXLORA_W8(0), MIXLORA_W8(8), MIXLORA_W8(16), MIXLORA_W8(24),
+                 MIXLORA_W8(32), MIXLORA_W8(40), MIXLORA_W8(48), MIXLORA_W8(56)
+               : "l"(desc_a), "l"(desc_b), "r"(0));
 }
 
 // d (64 x 64 of the warpgroup, fp32) = A (64 x 16, bf16 from registers: each warp's 16 rows as
